@@ -48,7 +48,10 @@ from stores.logit_store import LogitStore, open_location
 # "Using Zarr with Dask"; research/engineering.md §1.3).
 WORKER_ZARR_CONFIG = {"async.concurrency": 4, "threading.max_workers": 4}
 # DataLoader workers inside tasks need non-daemonic dask worker processes (engineering.md §2).
-DASK_CONFIG = {"distributed.worker.daemon": False}
+# dask's nanny also starts workers with MALLOC_TRIM_THRESHOLD_=65536, which pins glibc's mmap
+# threshold: every large torch allocation becomes an mmap/munmap pair, and CPU inference ran 1.8x
+# slower here (1.7 s -> 3.2 s, benchmarks/scaling.py workload). Unset it for the workers we start.
+DASK_CONFIG = {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 TASK_RETRIES = 2
 TASK_PREFIX = "kdcache-teach-block"
 
@@ -77,8 +80,8 @@ def cuda_cluster_available() -> bool:
 def start_local_cluster(n_workers: int, **kwargs):
     """N single-threaded, non-daemonic worker processes on this machine (LocalCUDACluster on GPUs).
 
-    Sets ``distributed.worker.daemon=False`` for the rest of this process, not just while starting:
-    the nannies live here and read it again whenever they restart a worker that died."""
+    Sets ``DASK_CONFIG`` for the rest of this process, not just while starting: the nannies live
+    here and read it again whenever they restart a worker that died."""
     import dask
     from distributed import LocalCluster
 

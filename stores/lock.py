@@ -237,7 +237,13 @@ class DriverLock:
         mine = self.holder.to_bytes()
         other: LockHolder | None = None
         for attempt in range(10):
-            if self.files.create(LOCK_NAME, mine):
+            try:
+                created = self.files.create(LOCK_NAME, mine)
+            except OSError as err:
+                self._cleanup_root()
+                raise StoreError(f"cannot create the driver lock {self.path} ({type(err).__name__}: {err}); "
+                                 "is the store location writable?") from None
+            if created:
                 self._held = True
                 return self
             data = self.files.read(LOCK_NAME)

@@ -69,6 +69,18 @@ def assert_same_store(a: Path | str, b: Path | str) -> None:
         assert sa.teacher_attrs(name)["summary"] == sb.teacher_attrs(name)["summary"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """In-process reference runs on one thread, like each worker: on a shared 2-core box a 2-thread
+    torch process stalls whenever a neighbour holds a core (10x slower runs were measured)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def arm_file(tmp_path_factory) -> Path:
     """Set before the cluster starts, so its worker processes inherit the variable."""
@@ -89,6 +101,8 @@ def scheduler(arm_file) -> str:
         client.wait_for_workers(2)
         assert all(not d for d in client.run(lambda: multiprocessing.current_process().daemon).values()), \
             "workers must be non-daemonic so DataLoader workers can run inside tasks"
+        trim = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        assert "65536" not in trim.values(), "dask's malloc trim setting slows torch down 1.8x; it is unset"
         yield cluster.scheduler_address
 
 
