@@ -15,12 +15,18 @@ from rich.table import Table
 
 from pipeline.teach import TeachConfig, run_teach
 from pipeline.train import TrainConfig, run_train
+from stores.logit_store import LogitStore
 
 TEACHER, STUDENT = "small_cnn_wide", "tiny_cnn"
 
 
-def run_demo(out: str = "demo", dataset: str = "mnist5k", epochs: int = 8, seed: int = 0,
+def run_demo(out: str = "demo", dataset: str = "mnist5k", epochs: int = 8, teacher_epochs: int = 12, seed: int = 0,
              console: Console | None = None) -> list[dict[str, Any]]:
+    """Run the four students and return one result per run (accuracy curve, wall time, cache bytes read).
+
+    Cosine schedules throughout: a short step schedule leaves the teacher undertrained (86 % on mnist5k
+    after 4 epochs against 95 % after 12 cosine ones), and KD from a teacher no better than the student
+    shows nothing."""
     console = console or Console()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -28,7 +34,7 @@ def run_demo(out: str = "demo", dataset: str = "mnist5k", epochs: int = 8, seed:
     console.print(f"[bold]1/3[/] training the teacher ({TEACHER}, ce, crop-flip) on {dataset}")
     t0 = time.perf_counter()
     teacher_metrics = run_train(TrainConfig(source=dataset, student=TEACHER, out=str(teacher_dir), loss="ce",
-                                            epochs=max(epochs // 2, 2), batch_size=64, lr=0.05,
+                                            epochs=teacher_epochs, batch_size=64, lr=0.05, schedule="cosine",
                                             view_policy="crop-flip", seed=seed, resume=True))
     console.print(f"    teacher test top-1 {100 * teacher_metrics[-1]['test_top1']:.2f}% "
                   f"({time.perf_counter() - t0:.0f} s)")
@@ -39,8 +45,12 @@ def run_demo(out: str = "demo", dataset: str = "mnist5k", epochs: int = 8, seed:
     run_teach(TeachConfig(dataset=dataset, teachers=[spec], out=str(store), k="all", views=4,
                           view_policy="crop-flip", seed=seed, overwrite=True))
     cache_seconds = time.perf_counter() - t0
-    cache_bytes = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
-    console.print(f"    {cache_bytes / 1e6:.2f} MB in {cache_seconds:.1f} s")
+    opened = LogitStore.open(str(store))
+    cache_bytes = sum(opened.nbytes_stored().values())
+    num_classes = opened.teacher_attrs(opened.teachers[0])["num_classes"]
+    dense_f32_bytes = opened.num_rows * opened.num_views * num_classes * 4
+    console.print(f"    {cache_bytes / 1e6:.2f} MB in {cache_seconds:.1f} s "
+                  f"(dense float32 logits would be {dense_f32_bytes / 1e6:.2f} MB before metadata)")
     runs = [
         ("ce (hard labels)", dict(loss="ce")),
         ("kd from cache", dict(loss="kd")),
@@ -52,19 +62,22 @@ def run_demo(out: str = "demo", dataset: str = "mnist5k", epochs: int = 8, seed:
     for name, kw in runs:
         t0 = time.perf_counter()
         metrics = run_train(TrainConfig(source=str(store), student=STUDENT, out=str(root / _slug(name)),
-                                        epochs=epochs, batch_size=64, lr=0.05, seed=seed, **kw))
+                                        epochs=epochs, batch_size=64, lr=0.05, schedule="cosine", seed=seed,
+                                        **kw))
         results.append({"run": name, "final_top1": metrics[-1]["test_top1"],
+                        "cache_bytes": cache_bytes if "from cache" in name else 0,
                         "best_top1": max(m["test_top1"] for m in metrics), "seconds": time.perf_counter() - t0,
                         "curve": [m["test_top1"] for m in metrics]})
         console.print(f"    {name}: {100 * metrics[-1]['test_top1']:.2f}% ({results[-1]['seconds']:.0f} s)")
-    table = Table("student run", "final top-1", "best top-1", "wall time", title=f"kdcache demo on {dataset}")
+    table = Table("student run", "final top-1", "best top-1", "wall time", "cache read",
+                  title=f"kdcache demo on {dataset} (teacher {100 * teacher_metrics[-1]['test_top1']:.2f}%)")
     for r in results:
         table.add_row(r["run"], f"{100 * r['final_top1']:.2f}%", f"{100 * r['best_top1']:.2f}%",
-                      f"{r['seconds']:.1f} s")
+                      f"{r['seconds']:.1f} s", f"{r['cache_bytes'] / 1e6:.2f} MB" if r["cache_bytes"] else "-")
     console.print(table)
     console.print(f"cache: {cache_bytes / 1e6:.2f} MB on disk; teacher never loaded by the cached runs")
     report = root / "report.png"
-    plot_report(results, teacher_metrics[-1]["test_top1"], cache_bytes, report)
+    plot_report(results, teacher_metrics[-1]["test_top1"], cache_bytes, dense_f32_bytes, report)
     console.print(f"report: {report}")
     return results
 
@@ -73,14 +86,15 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
-def plot_report(results: list[dict[str, Any]], teacher_top1: float, cache_bytes: int, path: Path) -> None:
-    """Accuracy curves per run and the cache's size next to what dense float32 would cost."""
+def plot_report(results: list[dict[str, Any]], teacher_top1: float, cache_bytes: int, dense_f32_bytes: int,
+                path: Path) -> None:
+    """Accuracy curves per run, wall time per run, and the cache's size next to dense float32 logits."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4), width_ratios=[3, 2, 1.4])
     for r in results:
         ax1.plot(range(1, len(r["curve"]) + 1), [100 * a for a in r["curve"]], marker="o", label=r["run"])
     ax1.axhline(100 * teacher_top1, color="gray", linestyle="--", label="teacher")
@@ -88,7 +102,10 @@ def plot_report(results: list[dict[str, Any]], teacher_top1: float, cache_bytes:
     ax1.legend(fontsize=8)
     names = [r["run"] for r in results]
     ax2.barh(names, [r["seconds"] for r in results], color="tab:blue")
-    ax2.set(xlabel="wall time (s)", title=f"training time (cache: {cache_bytes / 1e6:.2f} MB)")
+    ax2.set(xlabel="wall time (s)", title="student training time")
+    sizes = {"kdcache store\n(on disk)": cache_bytes, "dense float32\nlogits": dense_f32_bytes}
+    ax3.bar(list(sizes), [b / 1e6 for b in sizes.values()], color=["tab:green", "tab:gray"])
+    ax3.set(ylabel="MB", title="cache size")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
