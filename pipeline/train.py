@@ -391,7 +391,7 @@ def _run_train(cfg: TrainConfig, ranks: Ranks, on_epoch: Callable[[dict[str, Any
     start_epoch = 1
     ckpt_path = out / "checkpoint.pt"
     if cfg.resume and ckpt_path.exists():  # every rank loads the same checkpoint
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
