@@ -60,7 +60,7 @@ def load_config(ctx: typer.Context, param: typer.CallbackParam, path: Path | Non
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", help="TOML file whose keys (option names, or a [teach]/[train] table) "
+    typer.Option("--config", help="TOML file whose keys (option names, or a \\[teach] or \\[train] table) "
                  "become defaults.", is_eager=True, callback=load_config),
 ]
 
@@ -90,6 +90,10 @@ def rows_progress(description: str) -> Iterator[Callable[[int, int], None]]:
 
     try:
         yield report
+    except BaseException:
+        if task is not None:  # work had begun: clear the bar so the error still reads as one line
+            bar.live.transient = True
+        raise
     finally:
         if task is not None:
             bar.stop()
@@ -107,9 +111,12 @@ def parse_views(value: str) -> int | str:
 
 def parse_floats(value: str, flag: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in value.split(",") if v.strip())
+        numbers = tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise KdcacheError(f"{flag} takes comma-separated numbers like 1,4; got '{value}'") from None
+        numbers = ()
+    if not numbers:
+        raise KdcacheError(f"{flag} takes comma-separated numbers like 1,4; got '{value}'")
+    return numbers
 
 
 def _int(value: str, flag: str, expected: str) -> int:
@@ -131,7 +138,7 @@ def teach(
     temperatures: Annotated[str, typer.Option(help="Temperatures students will train at; the tail statistics are exact at each.")] = "1,4",
     max_kl: Annotated[float, typer.Option("--max-kl", help="--k auto: error budget, mean KL(dense || record) in nats per row, met at every declared temperature.")] = 1e-3,
     proposal_temperature: Annotated[float | None, typer.Option(help="--k sampled:S: the declared temperature whose teacher distribution the classes are drawn from (default: the largest of --temperatures).")] = None,
-    encoding: Annotated[str, typer.Option(help="float16 or uint8 (per-row scaled; ~half the bytes).")] = "float16",
+    encoding: Annotated[str, typer.Option(help="float16, or uint8 quantised per row (offset + scale): 1 byte per value plus 8 per row, so smaller only for dense or large-k records (benchmarks/RESULTS.md).")] = "float16",
     views: Annotated[str, typer.Option(help="Augmented views per row, or 'all' (crop-flip: 162).")] = "1",
     view_policy: Annotated[str, typer.Option(help="identity | crop-flip | rrc-flip.")] = "identity",
     image_size: Annotated[int | None, typer.Option(help="Teacher input size (default: the dataset's, 224 for imagefolder).")] = None,
@@ -287,7 +294,7 @@ def parse_kv(items: list[str] | None, flag: str) -> dict[str, str]:
 @user_errors
 def train(
     source: Annotated[str, typer.Argument(help="A store made by `kdcache teach`, or a dataset spec (then --loss ce, or --online-teacher).")],
-    student: Annotated[str, typer.Option(help="Student architecture: resnet8x4, resnet32x4, wrn_16_2, wrn_40_2, small_cnn, or any torchvision classification model name.")],
+    student: Annotated[str, typer.Option(help="Student architecture: resnet8x4, resnet32x4, wrn_16_2, wrn_40_2 (and the other CIFAR ResNets/WRNs), small_cnn, tiny_cnn, tiny_cnn_nobn, any torchvision classification model name, or package.module:factory.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Run directory: metrics.parquet, checkpoint.pt, student.pt, config.json.")],
     config: ConfigOption = None,
     loss: Annotated[str, typer.Option(help="ce | kd | dkd | ttm | wttm | clkd | sld (defaults: the papers' CIFAR-100 settings).")] = "kd",

@@ -71,6 +71,15 @@ def sort(z: Tensor, y: Tensor, rest_lse: RestLse) -> Tensor:
     return torch.empty_like(z).scatter_(1, order, ranked)
 
 
+def check_loca_args(alpha: float, temperature: float) -> None:
+    """LoCa's arguments, checked before any work (stage one refuses them before creating a store)."""
+    if not 0.0 < alpha < 1.0:
+        raise SpecError(f"loca alpha must be in (0, 1) (so the label stays the strict argmax); got {alpha!r}: "
+                        "pass e.g. --loca-alpha 0.9")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise SpecError(f"loca temperature must be > 0; got {temperature!r}: pass e.g. --loca-temperature 4")
+
+
 def loca(z: Tensor, y: Tensor, rest_lse: RestLse, alpha: float = 0.9, temperature: float = 4.0) -> Tensor:
     """LoCa logit calibration at the KD temperature T, for samples whose teacher argmax is wrong.
 
@@ -90,10 +99,7 @@ def loca(z: Tensor, y: Tensor, rest_lse: RestLse, alpha: float = 0.9, temperatur
     are left unchanged here. Unverified: that p is taken at the KD temperature T (rather than at
     T = 1 and re-tempered) and the per-dataset alpha; defaults alpha = 0.9 (notes: 0.9-1.0 works), T = 4.
     """
-    if not 0.0 < alpha < 1.0:
-        raise SpecError(f"loca alpha must be in (0, 1) (so the label stays the strict argmax); got {alpha!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise SpecError(f"loca temperature must be > 0; got {temperature!r}")
+    check_loca_args(alpha, temperature)
     t = float(temperature)
     wrong = z.argmax(dim=1) != y
     others = _put(z, y, torch.full_like(z[:, 0], -math.inf))
@@ -110,14 +116,18 @@ class Correction:
     name: str
     fn: Callable[..., Tensor]
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[..., None] | None = None  # validates the resolved arguments' values
 
     def args(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        """Defaults overridden by ``given``; SpecError on an unknown argument."""
+        """Defaults overridden by ``given``; SpecError on an unknown argument or a bad value."""
         unknown = sorted(set(given) - set(self.defaults))
         if unknown:
             allowed = ", ".join(self.defaults) or "none"
             raise SpecError(f"correction {self.name!r} has no argument {unknown[0]!r} (arguments: {allowed})")
-        return {**self.defaults, **given}
+        resolved = {**self.defaults, **given}
+        if self.check is not None:
+            self.check(**resolved)
+        return resolved
 
 
 CORRECTIONS: Mapping[str, Correction] = MappingProxyType(
@@ -125,7 +135,7 @@ CORRECTIONS: Mapping[str, Correction] = MappingProxyType(
         "none": Correction("none", none),
         "swap": Correction("swap", swap),
         "sort": Correction("sort", sort),
-        "loca": Correction("loca", loca, MappingProxyType({"alpha": 0.9, "temperature": 4.0})),
+        "loca": Correction("loca", loca, MappingProxyType({"alpha": 0.9, "temperature": 4.0}), check_loca_args),
     }
 )
 

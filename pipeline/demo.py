@@ -30,7 +30,7 @@ def run_demo(out: str = "demo", dataset: str = "mnist5k", epochs: int = 8, teach
     console = console or Console()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    teacher_dir = root / "teacher"
+    teacher_dir = root / f"teacher-{_slug(dataset)}"  # rerunning the demo reuses its trained teacher
     console.print(f"[bold]1/3[/] training the teacher ({TEACHER}, ce, crop-flip) on {dataset}")
     t0 = time.perf_counter()
     teacher_metrics = run_train(TrainConfig(source=dataset, student=TEACHER, out=str(teacher_dir), loss="ce",

@@ -39,7 +39,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline.teach import Job, TeachConfig, finish, label_blocks, open_store_for, pending_blocks, prepare
+from pipeline.teach import (
+    Job,
+    TeachConfig,
+    discard_if_nothing_done,
+    finish,
+    label_blocks,
+    open_store_for,
+    pending_blocks,
+    prepare,
+)
 from stores.errors import KdcacheError, SpecError, StoreError
 from stores.lock import DriverLock
 from stores.logit_store import LogitStore, open_location
@@ -244,7 +253,7 @@ def run_teach_distributed(
     worker_cfg = dataclasses.replace(job.cfg, device=cfg.device)  # validated (e.g. temperatures)
     if torch_threads is None and n_local:
         torch_threads = max(1, (os.cpu_count() or 1) // n_local)
-    with DriverLock(cfg.out, break_lock=cfg.break_lock):
+    with DriverLock(cfg.out, break_lock=cfg.break_lock) as lock, discard_if_nothing_done(lock):
         store = open_store_for(job)
         names = [t.name for t in job.teachers]
         todo = pending_blocks(store, names)

@@ -265,26 +265,31 @@ def sld(
 @dataclass(frozen=True)
 class LossSpec:
     """A registered loss: the function, its default hyperparameters (read-only), whether it reads a
-    teacher, and ``temperatures(hp)``: the temperatures at which it reads ``teacher.log_probs``."""
+    teacher, ``temperatures(hp)``: the temperatures at which it reads ``teacher.log_probs``, and
+    ``linear_in_teacher``: the gradient is linear in the teacher's probabilities, so a sampled record's
+    unbiased p̂ (Anshumann et al. 2025) gives an unbiased gradient; other losses normalise, re-weight or
+    read raw logits and would be biased on it."""
 
     fn: Callable[..., Tensor]
     defaults: Mapping[str, Any]
     needs_teacher: bool
     temperatures: Callable[[Mapping[str, Any]], tuple[float, ...]]
+    linear_in_teacher: bool = False
 
 
-def _spec(fn: Callable[..., Tensor], temperatures, needs_teacher: bool = True) -> LossSpec:
+def _spec(fn: Callable[..., Tensor], temperatures, needs_teacher: bool = True,
+          linear_in_teacher: bool = False) -> LossSpec:
     """Register ``fn`` with the keyword defaults of its own signature (one source of truth)."""
     params = inspect.signature(fn).parameters.values()
     defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "epoch"}
-    return LossSpec(fn, MappingProxyType(defaults), needs_teacher, temperatures)
+    return LossSpec(fn, MappingProxyType(defaults), needs_teacher, temperatures, linear_in_teacher)
 
 
 LOSSES: dict[str, LossSpec] = {
-    "ce": _spec(ce, lambda hp: (), needs_teacher=False),
-    "kd": _spec(kd, lambda hp: (float(hp["T"]),)),
+    "ce": _spec(ce, lambda hp: (), needs_teacher=False, linear_in_teacher=True),
+    "kd": _spec(kd, lambda hp: (float(hp["T"]),), linear_in_teacher=True),
     "dkd": _spec(dkd, lambda hp: (float(hp["T"]),)),
-    "ttm": _spec(ttm, lambda hp: (1.0 / hp["gamma"],)),
+    "ttm": _spec(ttm, lambda hp: (1.0 / hp["gamma"],), linear_in_teacher=True),
     "wttm": _spec(wttm, lambda hp: (1.0, 1.0 / hp["gamma"])),
     "clkd": _spec(clkd, lambda hp: (1.0,)),  # raw logits: the tail is reconstructed from its T=1 mass
     "sld": _spec(sld, lambda hp: tuple(float(t) for t in hp["temperatures"])),

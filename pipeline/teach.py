@@ -9,6 +9,7 @@ its ``done`` flag is set last, so a killed run leaves only unfinished blocks, wh
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import threading
@@ -21,7 +22,7 @@ import torch
 import torchvision
 
 from pipeline import __version__
-from pipeline.corrections import CORRECTIONS, apply_correction
+from pipeline.corrections import apply_correction, get_correction
 from pipeline.data import ImageDataset, load_dataset
 from pipeline.fidelity import (
     AUTO_SAMPLE_ROWS,
@@ -100,11 +101,8 @@ class TeachConfig:
         return identity
 
     def resolved_correction_args(self) -> dict[str, Any]:
-        if self.correction not in CORRECTIONS:
-            raise SpecError(
-                f"unknown correction '{self.correction}'; expected one of {', '.join(CORRECTIONS)}"
-            )
-        return {**CORRECTIONS[self.correction].defaults, **self.correction_args}
+        """The correction's arguments with defaults filled; SpecError on an unknown name, argument or value."""
+        return get_correction(self.correction).args(self.correction_args)
 
 
 @dataclass
@@ -581,11 +579,32 @@ def run_teach(cfg: TeachConfig, progress: Callable[[int, int], None] | None = No
     The store's driver lock is held from creating/resuming the store to the final attrs, so a
     second driver on the same store is refused (``stores/lock.py``)."""
     job = prepare(cfg)
-    with DriverLock(cfg.out, break_lock=cfg.break_lock):
+    with DriverLock(cfg.out, break_lock=cfg.break_lock) as lock, discard_if_nothing_done(lock):
         store = open_store_for(job)
         label_blocks(job, store, pending_blocks(store, [t.name for t in job.teachers]), progress)
         finish(store, job)
     return store
+
+
+@contextlib.contextmanager
+def discard_if_nothing_done(lock: DriverLock) -> Iterator[None]:
+    """A first run that fails before any block is done (a bad value found late, --k auto over budget, an
+    unreachable scheduler) removes the store it made: no half-made store is left. Once a block is
+    done the store is kept, so the rerun resumes."""
+    try:
+        yield
+    except BaseException:
+        if lock.created_root and not any_block_done(lock.url):
+            lock.discard_new_store()
+        raise
+
+
+def any_block_done(url: str) -> bool:
+    try:
+        store = LogitStore.open(url)
+        return any(bool(store.done(name).any()) for name in store.teachers)
+    except Exception:  # a store that does not even open has nothing done
+        return False
 
 
 def finish(store: LogitStore, job: Job) -> None:

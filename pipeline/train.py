@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from pipeline.corrections import CORRECTIONS, apply_correction
+from pipeline.corrections import apply_correction, get_correction
 from pipeline.data import ImageDataset, load_dataset
 from pipeline.ensemble import EnsembleRecord, ensemble_attrs, parse_teachers
 from pipeline.fidelity import check_store_tail_coverage
-from pipeline.losses import get_loss, loss_temperatures, resolve_hparams
+from pipeline.losses import LOSSES, get_loss, loss_temperatures, resolve_hparams
 from pipeline.models import build_model, build_teacher
 from pipeline.sampled import SampledLogits
 from pipeline.soft_labels import EpochOrder, SoftLabels, epoch_rng
@@ -166,8 +166,10 @@ def validate(cfg: TrainConfig, src: Source, hp: dict[str, Any]) -> None:
             raise SpecError("--online-teacher replaces the store's teacher; pass a single --teacher NAME with it")
     if cfg.schedule not in ("step", "cosine"):
         raise SpecError(f"--schedule must be step or cosine; got '{cfg.schedule}'")
-    if cfg.correction not in CORRECTIONS:
-        raise SpecError(f"unknown correction '{cfg.correction}'; expected one of {', '.join(CORRECTIONS)}")
+    get_correction(cfg.correction).args(cfg.correction_args)  # unknown name, argument or value
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out {cfg.out} is an existing file; choose a directory for the run")
     has_teacher = src.store is not None or cfg.online_teacher
     if spec.needs_teacher and not has_teacher:
         raise SpecError(f"loss '{cfg.loss}' needs a teacher: pass a store made by `kdcache teach`, "
@@ -177,6 +179,35 @@ def validate(cfg: TrainConfig, src: Source, hp: dict[str, Any]) -> None:
         if cfg.correction != "none" and stored != "none":
             raise SpecError(f"the store's teacher is already corrected with '{stored}'; a correction is never "
                             "applied twice: drop --correction (or cache an uncorrected store)")
+        if src.teacher_attrs.get("layout") == "sampled" and not cfg.online_teacher:
+            if not spec.linear_in_teacher:
+                unbiased = " or ".join(name for name, sp in LOSSES.items() if sp.linear_in_teacher and sp.needs_teacher)
+                raise SpecError(f"loss '{cfg.loss}' is biased on a sampled record (it is not linear in the teacher's "
+                                f"probabilities); use --loss {unbiased} on this store, or cache top-k/dense records")
+            if cfg.correction != "none":
+                raise SpecError(f"--correction {cfg.correction} needs the teacher's logits of every class, which a "
+                                f"sampled record does not keep; cache the store with --correction {cfg.correction}")
+
+
+# Settings a resumed run may change: how long it goes on and where/how it runs, not what it trains.
+RESUMABLE_CHANGES = ("epochs", "resume", "out", "workers", "device", "preload", "strict")
+
+
+def comparable_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings that decide what a run trains, as JSON values (stored in every checkpoint)."""
+    plain = json.loads(json.dumps(asdict(cfg), default=str))
+    return {key: value for key, value in plain.items() if key not in RESUMABLE_CHANGES}
+
+
+def check_resume(stored: dict[str, Any] | None, current: dict[str, Any], path: Path) -> None:
+    """--resume continues the same run; a checkpoint of another student, loss, store, ... is refused."""
+    if stored is None:
+        return  # a checkpoint from before configs were stored: nothing to compare
+    changed = [key for key in sorted(set(stored) | set(current)) if stored.get(key) != current.get(key)]
+    if changed:
+        key = changed[0]
+        raise SpecError(f"--resume: {path} is from a run with another {key} ({stored.get(key)!r} there, "
+                        f"{current.get(key)!r} here); resume with the same settings or choose a new --out")
 
 
 def check_student(model: torch.nn.Module, name: str, num_classes: int, size, device) -> None:
@@ -365,7 +396,7 @@ def _run_train(cfg: TrainConfig, ranks: Ranks, on_epoch: Callable[[dict[str, Any
     hp = resolve_hparams(cfg.loss, cfg.loss_args)
     src = open_source(cfg, ranks.rank, ranks.world)
     validate(cfg, src, hp)
-    corr_args = {**CORRECTIONS[cfg.correction].defaults, **cfg.correction_args}
+    corr_args = get_correction(cfg.correction).args(cfg.correction_args)
     loss_fn = get_loss(cfg.loss).fn
     device = ranks.device
     num_classes = src.train.num_classes
@@ -390,8 +421,10 @@ def _run_train(cfg: TrainConfig, ranks: Ranks, on_epoch: Callable[[dict[str, Any
     metrics: list[dict[str, Any]] = []
     start_epoch = 1
     ckpt_path = out / "checkpoint.pt"
+    run_config = comparable_config(cfg)
     if cfg.resume and ckpt_path.exists():  # every rank loads the same checkpoint
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        check_resume(ckpt.get("config"), run_config, ckpt_path)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -445,7 +478,7 @@ def _run_train(cfg: TrainConfig, ranks: Ranks, on_epoch: Callable[[dict[str, Any
             metrics.append(row)
             write_metrics(metrics, out)
             save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "torch_rng": torch.get_rng_state(), "metrics": metrics}, ckpt_path)
+                         "torch_rng": torch.get_rng_state(), "metrics": metrics, "config": run_config}, ckpt_path)
             if on_epoch:
                 on_epoch(row)
         row = ranks.from_main(row)  # the other ranks wait here while rank 0 evaluates and saves

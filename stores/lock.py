@@ -300,6 +300,22 @@ class DriverLock:
             self.files.remove(LOCK_NAME)
         self._cleanup_root()
 
+    @property
+    def created_root(self) -> bool:
+        """True when this driver made the store's directory: it is a first run."""
+        return self._created_root
+
+    def discard_new_store(self) -> None:
+        """Remove everything under a root this driver created, but the lock (``release`` then removes the
+        lock and the empty root): a first run that failed before any work counted leaves nothing behind."""
+        if not self._created_root:
+            return
+        fs, root = self.files.fs, self.files.root
+        for entry in fs.ls(root, detail=False):
+            if not is_lock_file(entry):
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(entry, recursive=True)
+
     def _cleanup_root(self) -> None:
         """A failed first run leaves no empty store directory behind."""
         if self._created_root and self.files.empty_root():

@@ -185,6 +185,14 @@ BAD_INPUTS = {
     "views zero": (["digits", "--teacher", TEACHER, "--views", "0"], "--views"),
     "width mismatch": (["digits", "--teacher", "torchvision.models:resnet18"], "classes"),
     "bad temperature": (["digits", "--teacher", TEACHER, "--temperatures", "1,-4"], "--temperatures"),
+    "no temperature": (["digits", "--teacher", TEACHER, "--temperatures", ","], "--temperatures"),
+    "loca alpha": (["digits", "--teacher", TEACHER, "--correction", "loca", "--loca-alpha", "2"], "alpha"),
+    "loca temperature": (["digits", "--teacher", TEACHER, "--correction", "loca", "--loca-temperature", "0"],
+                         "temperature"),
+    # found after the store exists: the failed first run must remove it
+    "auto over budget": (["digits", "--teacher", TEACHER, "--k", "auto", "--encoding", "uint8", "--max-kl", "1e-9"],
+                         "--max-kl"),
+    "float16 overflow": (["digits", "--teacher", "huge_logits_teacher:make"], "float16"),
 }
 
 

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
+from pipeline.corrections import apply_correction
 from pipeline.soft_labels import SoftLabels
 from pipeline.teach import TeachConfig, run_teach
 from pipeline.train import TrainConfig, run_train
@@ -119,6 +120,7 @@ BAD = {
     "unknown loss": (["--loss", "nosuch"], "unknown loss"),
     "student width": (["--student", "torchvision.models:resnet18"], "logits"),
     "loss needs teacher on dataset": (None, "needs a teacher"),
+    "loca alpha": (["--correction", "loca", "--loca-alpha", "1.5"], "alpha"),
 }
 
 
@@ -141,3 +143,82 @@ def test_correction_on_a_corrected_store_is_refused(tmp_path):
     res = runner.invoke(app, ["train", str(out), "--student", "small_cnn", "--correction", "swap",
                               "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "already corrected" in res.output
+
+
+def one_error_line(res) -> str:
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    return lines[0]
+
+
+def test_out_that_is_a_file_is_refused_and_kept(tmp_path, dense_store):
+    target = tmp_path / "run.txt"
+    target.write_text("keep me")
+    line = one_error_line(runner.invoke(app, ["train", str(dense_store), "--student", "small_cnn",
+                                              "--out", str(target)]))
+    assert "existing file" in line and target.read_text() == "keep me"
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, dense_store):
+    args = ["train", str(dense_store), "--student", "small_cnn", "--epochs", "1", "--max-steps-per-epoch", "2",
+            "--out", str(tmp_path / "run")]
+    assert runner.invoke(app, [*args, "--loss", "kd"]).exit_code == 0
+    line = one_error_line(runner.invoke(app, [*args, "--loss", "dkd", "--resume"]))
+    assert "another loss" in line and "'kd' there" in line
+    line = one_error_line(runner.invoke(app, [*args, "--loss", "kd", "--student", "tiny_cnn", "--resume"]))
+    assert "another student" in line
+    # more epochs of the same run is what --resume is for
+    res = runner.invoke(app, [*args[:5], "2", *args[6:], "--loss", "kd", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert [m["epoch"] for m in pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()] == [1, 2]
+
+
+def test_only_unbiased_losses_train_from_a_sampled_store(tmp_path):
+    store = tmp_path / "sampled.kdc"
+    run_teach(TeachConfig(dataset="digits", split="test", teachers=[TEACHER], out=str(store), k="sampled:4"))
+    base = ["train", str(store), "--student", "small_cnn", "--epochs", "1", "--max-steps-per-epoch", "2"]
+    for loss in ("dkd", "wttm", "clkd", "sld"):
+        line = one_error_line(runner.invoke(app, [*base, "--loss", loss, "--out", str(tmp_path / loss)]))
+        assert "biased on a sampled record" in line and "kd or ttm" in line
+    line = one_error_line(runner.invoke(app, [*base, "--correction", "swap", "--out", str(tmp_path / "swap")]))
+    assert "sampled record" in line
+    res = runner.invoke(app, [*base, "--loss", "kd", "--out", str(tmp_path / "kd")])
+    assert res.exit_code == 0, res.output
+
+
+def corrected_dense_store(tmp_path: Path, correction: str) -> Path:
+    out = tmp_path / f"{correction}.kdc"
+    run_teach(TeachConfig(dataset="digits", teachers=[TEACHER], out=str(out), k="all", views=1,
+                          chunk_rows=256, shard_rows=512, correction=correction))
+    return out
+
+
+def test_train_time_sort_trains_the_student_of_a_sorted_cache(tmp_path, dense_store):
+    """DESIGN §3: a correction at train time on an uncorrected store equals the store cached with it.
+    Sort gives every rank its value, so float16 rounding before or after it gives the same record; the
+    train-time path reorders the classes inside the record, so sums run in another order (~1e-7 relative),
+    which a few SGD steps carry to ~1e-5 in the weights."""
+    _, at_train = train(tmp_path, dense_store, "train-time", loss="kd", correction="sort")
+    _, cached = train(tmp_path, corrected_dense_store(tmp_path, "sort"), "cached", loss="kd")
+    _, plain = train(tmp_path, dense_store, "plain", loss="kd")
+    assert max_diff(at_train, cached) < 3e-5
+    assert max_diff(at_train, plain) > 100 * max_diff(at_train, cached), "the correction must change the student"
+
+
+def test_train_time_swap_equals_a_swapped_cache_except_at_float16_ties(tmp_path, dense_store):
+    """Swap exchanges the label with *the* argmax. Where the two largest logits round to one float16
+    value, the cache (swapped in float32, then rounded) and train time (rounded, then swapped) may pick
+    different partners of the tie: both are valid swaps. Every other row is identical."""
+    plain, cached = LogitStore.open(str(dense_store)), LogitStore.open(str(corrected_dense_store(tmp_path, "swap")))
+    labels = torch.from_numpy(plain.labels().astype(np.int64))
+    z = torch.from_numpy(plain.read_view("resnet18", 0)["values"].astype(np.float32))
+    at_train = apply_correction("swap", z, labels)
+    stored = torch.from_numpy(cached.read_view("resnet18", 0)["values"].astype(np.float32))
+    top2 = z.topk(2, dim=1).values
+    tie = top2[:, 0] == top2[:, 1]
+    differ = (at_train != stored).any(dim=1)
+    for record in (stored, at_train):  # the label holds the largest value (argmax up to a float16 tie)
+        assert (record.gather(1, labels[:, None])[:, 0] == record.max(dim=1).values).all()
+    assert not (differ & ~tie).any(), "rows without a float16 tie must be swapped identically"
+    torch.testing.assert_close(at_train.sort(dim=1).values, stored.sort(dim=1).values, rtol=0, atol=0)
