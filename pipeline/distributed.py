@@ -110,6 +110,9 @@ def connect(cluster: str | None, scheduler: str | None) -> Iterator[Any]:
     if scheduler:
         try:
             client = Client(scheduler, timeout="30s")
+        except ValueError as err:
+            raise SpecError(f"--scheduler {scheduler!r} is not a scheduler address ({err}); "
+                            "pass one like tcp://HOST:8786") from None
         except (OSError, TimeoutError) as err:
             raise KdcacheError(f"cannot reach the dask scheduler at {scheduler} ({type(err).__name__}: {err}); "
                                "start one with `dask scheduler` and workers with `dask worker`") from None

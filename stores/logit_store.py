@@ -36,8 +36,18 @@ def open_location(url: str | os.PathLike, *, read_only: bool) -> tuple[fsspec.Ab
     if "://" not in url or url.startswith("file://"):
         path = os.path.abspath(os.path.expanduser(url.removeprefix("file://")))
         return fsspec.filesystem("file"), path, LocalStore(path, read_only=read_only)
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs, root.rstrip("/"), FsspecStore.from_url(url, read_only=read_only)
+    protocol = url.split("://", 1)[0]
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        store = FsspecStore.from_url(url, read_only=read_only)
+    except ImportError as err:
+        extra = {"s3": "kdcache[s3] (s3fs)", "gs": "kdcache[gcs] (gcsfs)", "gcs": "kdcache[gcs] (gcsfs)"}
+        raise StoreError(f"{url}: the fsspec backend for '{protocol}://' is not installed ({err}); "
+                         f"pip install {extra.get(protocol, 'the fsspec implementation for ' + protocol)}") from None
+    except ValueError as err:
+        raise StoreError(f"{url}: unknown or unusable location '{protocol}://' ({err}); use a local path, file://, "
+                         "memory://, s3:// or gs://") from None
+    return fs, root.rstrip("/"), store
 
 
 def _check_json(attrs: Mapping, what: str) -> dict:

@@ -252,6 +252,10 @@ def test_bad_cluster_specs_and_memory_stores_are_refused_before_any_work(tmp_pat
                               "--out", str(tmp_path / "b.kdc"), "--cluster", "local:0"])
     assert res.exit_code == 2 and "local:N" in res.output
     assert not (tmp_path / "b.kdc").exists()
+    res = runner.invoke(app, ["teach", "digits", "--split", "test", "--teacher", TEACHER,
+                              "--out", str(tmp_path / "c.kdc"), "--scheduler", "notaurl"])
+    assert res.exit_code == 2 and "tcp://HOST:8786" in res.output, res.output
+    assert not (tmp_path / "c.kdc").exists(), "a first run that failed before any block leaves no store"
 
 
 def test_worker_job_key_ignores_where_the_store_is():

@@ -3,6 +3,7 @@ and the driver lock (stores/lock.py) on local disk and on an fsspec filesystem."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -56,6 +57,22 @@ def test_teach_inspect_verify_on_urls(tmp_path, scheme):
 def test_missing_url_store_is_one_line(tmp_path):
     res = runner.invoke(app, ["inspect", f"memory://nothing-{uuid.uuid4().hex}/x.kdc"])
     assert res.exit_code == 2 and res.output.startswith("error: no store at memory://")
+
+
+@pytest.mark.parametrize(("url", "needle"), [
+    ("s3://bucket/x.kdc", "kdcache[s3]"),
+    ("gs://bucket/x.kdc", "kdcache[gcs]"),
+    ("nosuchproto://x.kdc", "unknown or unusable location"),
+])
+def test_uninstalled_or_unknown_backends_are_one_line(tmp_path, url, needle):
+    backend = {"s3": "s3fs", "gs": "gcsfs"}.get(url.split("://")[0])
+    if backend and importlib.util.find_spec(backend):
+        pytest.skip(f"{backend} is installed here: the missing-backend message cannot be shown")
+    for args in (["inspect", url], ["teach", "digits", "--split", "test", "--teacher", "torchvision:resnet18:none",
+                                    "--out", url]):
+        res = runner.invoke(app, args)
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
 
 
 # ------------------------------------------------------------------ the lock
