@@ -30,7 +30,8 @@ BLOCK_STATS = "block_stats"
 STATS_NAMES = "block_stats_names"
 
 # Keys of root attrs["kdcache"] owned by the store; callers may add others but not these.
-ROOT_KEYS = ("format", "num_rows", "num_views", "shard_rows", "chunk_rows", "num_shards", "manifest_sha256")
+ROOT_KEYS = ("format", "num_rows", "num_views", "shard_rows", "chunk_rows", "num_shards", "manifest_sha256",
+             "root_checksums")
 # Keys of a teacher group's attrs fixed by add_teacher; set_teacher_attrs may not change them.
 TEACHER_KEYS = ("num_classes", "k", "encoding", "layout", "temperatures")
 
@@ -127,7 +128,12 @@ def block_checksum(encoded: Mapping[str, np.ndarray]) -> int:
     crc = 0
     for name in BLOCK_ORDER:
         if name in encoded:
-            arr = np.asarray(encoded[name])
-            arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-            crc = zlib.crc32(arr.view(np.uint8).reshape(-1), crc)
-    return crc & 0xFFFFFFFF
+            crc = array_checksum(encoded[name], crc)
+    return crc
+
+
+def array_checksum(arr: np.ndarray, crc: int = 0) -> int:
+    """crc32 of an array's bytes as stored (its dtype, little-endian, C order), continuing from ``crc``."""
+    arr = np.asarray(arr)
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return zlib.crc32(arr.view(np.uint8).reshape(-1), crc) & 0xFFFFFFFF

@@ -163,6 +163,9 @@ class LogitStore:
                 "chunk_rows": c,
                 "num_shards": num_shards,
                 "manifest_sha256": mf.sha256(manifest_bytes),
+                # labels and view parameters are written once, here: their crc32 lets verify catch a flipped byte
+                "root_checksums": {fmt.LABELS: fmt.array_checksum(labels),
+                                   **{f"{fmt.VIEWS}/{name}": fmt.array_checksum(data) for name, data in views.items()}},
             }
             # Root attrs go last: a store without them reads as half-written, never as complete.
             group.update_attributes({fmt.ATTR_KEY: meta})
@@ -544,18 +547,21 @@ class LogitStore:
 
     def _verify_root(self) -> list[str]:
         n, v = self.num_rows, self.num_views
+        crcs = self._meta["root_checksums"]
         problems = _check_array(self._group.get(fmt.LABELS), "labels", (n,), np.dtype(np.int32))
         if not problems:
-            try:
-                labels = self.labels()
-                if labels.min() < 0:
-                    problems.append("labels: negative class id")
-            except Exception as err:
-                problems.append(f"labels: unreadable chunk ({type(err).__name__}: {err})")
+            problems += self._verify_written_once(fmt.LABELS, self._group[fmt.LABELS], crcs)
+            if not problems and self.labels().min() < 0:
+                problems.append("labels: negative class id")
         if fmt.VIEWS in self._group:
-            for param, arr in self._group[fmt.VIEWS].arrays():
+            arrays = dict(self._group[fmt.VIEWS].arrays())
+            for path in sorted(set(crcs) - {fmt.LABELS} - {f"{fmt.VIEWS}/{p}" for p in arrays}):
+                problems.append(f"{path}: missing")
+            for param, arr in sorted(arrays.items()):
                 if arr.shape != (v, n):
                     problems.append(f"views/{param}: shape {arr.shape}, expected {(v, n)}")
+                else:
+                    problems += self._verify_written_once(f"{fmt.VIEWS}/{param}", arr, crcs)
         else:
             problems.append("views: missing")
         try:
@@ -565,6 +571,19 @@ class LogitStore:
         if mf.sha256(data) != self._meta["manifest_sha256"]:
             problems.append(f"{fmt.MANIFEST}: sha256 differs from the one recorded at creation")
         return problems
+
+    @staticmethod
+    def _verify_written_once(path: str, arr: zarr.Array, crcs: Mapping[str, int]) -> list[str]:
+        """An array the driver wrote once at creation (labels, views/*) against its recorded crc32."""
+        try:
+            data = arr[...]
+        except Exception as err:
+            return [f"{path}: unreadable chunk ({type(err).__name__}: {err})"]
+        if path not in crcs:
+            return [f"{path}: not recorded at creation (an array added later?)"]
+        if fmt.array_checksum(data) != crcs[path]:
+            return [f"{path}: checksum mismatch (crc32 differs from the one recorded at creation)"]
+        return []
 
     def _verify_teacher(self, name: str) -> list[str]:
         self._teachers.pop(name, None)  # check what is on storage now, not what was cached

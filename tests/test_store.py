@@ -189,6 +189,18 @@ def test_verify_finds_a_flipped_byte(tmp_path):
     assert "unreadable chunk" in problems[0] or "checksum mismatch" in problems[0]
 
 
+@pytest.mark.parametrize("path", ["labels", "views/flip", "views/scale"])
+def test_verify_finds_silently_changed_labels_and_views(tmp_path, path):
+    """A value rewritten in place decodes fine: only the crc32 recorded at creation catches it."""
+    _create(tmp_path / "s", n=400, views=2, shard_rows=200, chunk_rows=50)
+    assert LogitStore.open(tmp_path / "s").verify() == []
+    arr = zarr.open_group(str(tmp_path / "s"), mode="r+")[path]
+    index = (123,) if arr.ndim == 1 else (1, 123)
+    arr[index] = arr[index] + 1
+    problems = LogitStore.open(tmp_path / "s").verify()
+    assert problems == [f"{path}: checksum mismatch (crc32 differs from the one recorded at creation)"]
+
+
 def test_verify_reports_structural_damage(tmp_path):
     store = _create(tmp_path / "s", n=100, views=1, shard_rows=100, chunk_rows=100)
     store.add_teacher("t", num_classes=10, k=5)
