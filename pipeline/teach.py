@@ -300,18 +300,22 @@ def record_to_numpy(rec: SparseLogits | SampledLogits, dense: bool) -> dict[str,
     return {name: t.detach().to("cpu", non_blocking=False).numpy() for name, t in out.items()}
 
 
-STAT_NAMES = ("rows", "teacher_correct", "changed_by_correction")
+# "bf16_rows": rows whose forward ran under bf16 autocast (GPU + --amp), so verify knows the precision to
+# replay at, even when dask workers on GPUs labelled a store whose driver has none.
+STAT_NAMES = ("rows", "teacher_correct", "changed_by_correction", "bf16_rows")
 
 
 def block_stats(raw: torch.Tensor, corrected: torch.Tensor, rec: SparseLogits | SampledLogits,
-                labels: torch.Tensor, temps) -> torch.Tensor:
-    """Per batch sums: rows, teacher top-1 hits, rows the correction changed, record error per T
-    (KL(dense||record); for sampled records the KD gradient error, see ``pipeline.fidelity``)."""
+                labels: torch.Tensor, temps, bf16: bool = False) -> torch.Tensor:
+    """Per batch sums: rows, teacher top-1 hits, rows the correction changed, rows run in bf16, record
+    error per T (KL(dense||record); for sampled records the KD gradient error, see ``pipeline.fidelity``)."""
     kl = [record_error(corrected, rec, t).sum() for t in temps]
+    rows = torch.tensor(float(len(labels)), dtype=torch.float64, device=raw.device)
     head = [
-        torch.tensor(float(len(labels)), dtype=torch.float64, device=raw.device),
+        rows,
         (raw.argmax(1) == labels).sum().double(),
         (corrected != raw).any(1).sum().double(),
+        rows if bf16 else torch.zeros_like(rows),
     ]
     return torch.stack(head + [v.double() for v in kl])
 
@@ -656,7 +660,8 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
     loader = make_loader(rows, blocks, cfg.batch_size, workers, device)
     corr_args = cfg.resolved_correction_args()
     writer = Writer(store)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+    bf16 = cfg.amp and device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     parts: dict[str, list[tuple[SparseLogits | SampledLogits, torch.Tensor]]] = {t.name: [] for t in teachers}
     block_iter = iter(todo)
     current, filled, seen, block_len = None, 0, 0, 0
@@ -679,7 +684,7 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
                     raw = raw.float()
                     corrected = apply_correction(cfg.correction, raw, y, **corr_args)
                     rec = make_record(t, corrected, y, _view, _row, cfg)
-                    parts[t.name].append((rec, block_stats(raw, corrected, rec, y, cfg.temperatures)))
+                    parts[t.name].append((rec, block_stats(raw, corrected, rec, y, cfg.temperatures, bf16)))
             filled += len(y)
             seen += len(y)
             if progress:
@@ -703,12 +708,13 @@ def teacher_summary(store: LogitStore, name: str, temps) -> dict[str, Any]:
     stats = store.block_stats(name)  # (V, S, n) float64, zeros where not done
     total = stats.reshape(-1, stats.shape[-1]).sum(0)
     rows = max(total[0], 1.0)
-    error = {str(t): float(v / rows) for t, v in zip(temps, total[3:], strict=True)}
+    error = {str(t): float(v / rows) for t, v in zip(temps, total[len(STAT_NAMES):], strict=True)}
     sampled = store.teacher_attrs(name)["layout"] == "sampled"  # KL is infinite: the gradient error instead
     return {
         "rows_done": int(total[0]),
         "teacher_top1": float(total[1] / rows),
         "changed_by_correction": float(total[2] / rows),
+        "bf16_rows": int(total[3]),
         "kl_by_temperature": None if sampled else error,
         **({"grad_sq_error_by_temperature": error} if sampled else {}),
     }

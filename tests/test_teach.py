@@ -18,6 +18,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cli.main import app
+from pipeline.verify import labelled_in_bf16, tolerance
 from stores.logit_store import LogitStore
 
 runner = CliRunner()
@@ -72,6 +73,8 @@ def test_teach_inspect_verify_roundtrip(tmp_path):
     assert 0 < t["bytes_per_record"] < t["dense_float32_bytes_per_record"] * 2
     assert t["changed_by_correction"] == pytest.approx(1 - t["teacher_top1"], abs=1e-9)
     assert set(t["kl_by_temperature"]) == {"1.0", "4.0"}
+    # a CPU run is fp32 throughout: verify replays it at fp32 tolerance
+    assert store.teacher_attrs("resnet18")["summary"]["bf16_rows"] == 0 and not labelled_in_bf16(store, "resnet18")
 
     res = runner.invoke(app, ["verify", str(out), "--teacher", TEACHER, "--samples", "16"])
     assert res.exit_code == 0, res.output
@@ -245,3 +248,10 @@ def test_verify_reports_a_corrupt_chunk(tmp_path):
     res = runner.invoke(app, ["verify", str(out)])
     assert res.exit_code == 2
     assert "problem" in res.output
+
+
+def test_bf16_tolerance_is_wider_and_scales_with_the_row():
+    stored = np.array([[8.0, -2.0, 0.5]], dtype=np.float32)
+    fp32, bf16 = tolerance(stored, "float16"), tolerance(stored, "float16", bf16=True)
+    assert np.all(bf16 > fp32)
+    np.testing.assert_allclose(bf16, 2.0**-6 * (8.0 + np.abs(stored)) + 2.0**-11 * np.abs(stored))  # + float16 rounding
