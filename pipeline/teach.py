@@ -495,7 +495,9 @@ def open_or_create(cfg: TeachConfig, dataset: ImageDataset, policy) -> LogitStor
         return store
     n = len(dataset)
     perm = np.random.default_rng(cfg.seed).permutation(n)
-    views = policy.sample(cfg.views, n, dataset.image_size, seed=cfg.seed)
+    # images of many sizes (imagefolder): aspect-dependent views (rrc-flip) need each image's (H, W)
+    sizes = dataset.image_sizes()[perm] if dataset.image_size is None and policy.name == "rrc-flip" else None
+    views = policy.sample(cfg.views, n, dataset.image_size, seed=cfg.seed, image_sizes=sizes)
     labels = np.asarray(dataset.labels)[perm]
     manifest = {
         "row": np.arange(n, dtype=np.int64),

@@ -255,3 +255,32 @@ def test_bf16_tolerance_is_wider_and_scales_with_the_row():
     fp32, bf16 = tolerance(stored, "float16"), tolerance(stored, "float16", bf16=True)
     assert np.all(bf16 > fp32)
     np.testing.assert_allclose(bf16, 2.0**-6 * (8.0 + np.abs(stored)) + 2.0**-11 * np.abs(stored))  # + float16 rounding
+
+
+def test_rrc_boxes_follow_each_images_aspect_ratio(tmp_path):
+    """imagefolder images have their own sizes: RandomResizedCrop's ratio range holds in pixels, not in
+    fractions of a square (wide 20 x 80 and tall 80 x 20 images)."""
+    from PIL import Image
+
+    from pipeline.teach import TeachConfig, run_teach
+    from pipeline.views import RRCFlip
+
+    sizes = {"wide": (20, 80), "tall": (80, 20)}
+    for cls, (h, w) in sizes.items():
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (w, h), color=(40 * i, 90, 200)).save(tmp_path / "data" / cls / f"{i}.png")
+    out = tmp_path / "rrc.kdc"
+    run_teach(TeachConfig(dataset=f"imagefolder:{tmp_path / 'data'}", teachers=[TEACHER], out=str(out), k="all",
+                          views=8, view_policy="rrc-flip", image_size=16))
+    store = LogitStore.open(str(out))
+    views, ids = store.views(), store.manifest_column("sample_id")
+    ratios = []
+    for v in range(store.num_views):
+        for r in range(store.num_rows):
+            hw = sizes[str(ids[r]).split("/")[0]]
+            _, _, bh, bw = RRCFlip.box({key: views[key][v, r] for key in views}, hw)
+            ratios.append(bw / bh)
+    ratios = np.asarray(ratios)
+    # 3/4 .. 4/3 up to pixel rounding of a box at least a few pixels on a side
+    assert ratios.min() > 0.75 * 0.8 and ratios.max() < 4 / 3 * 1.25, (ratios.min(), ratios.max())
