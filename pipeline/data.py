@@ -400,6 +400,9 @@ def _load_torchvision(spec, split, name, args) -> ImageDataset:
     for key, value in args.items():
         if key in ("root", "download"):
             continue
+        if key in ("train", "split"):
+            raise SpecError(f"torchvision:{cls_name}: the split is not part of the spec; choose it with --split "
+                            "(train, test or val), one spec serves every split")
         if key not in params or key in ("train", "split", "transform", "target_transform"):
             raise SpecError(f"unknown argument '{key}' for torchvision:{cls_name}; accepted: root, download"
                             + "".join(f", {p}" for p in params if p not in ("root", "train", "split", "download",
