@@ -134,7 +134,7 @@ def teach(
     out: Annotated[str, typer.Option("--out", "-o", help="Store: a directory path (created) or an fsspec URL (file://, s3://, gs://; memory:// in-process only).")],
     config: ConfigOption = None,
     split: Annotated[str, typer.Option(help="Dataset split to cache.")] = "train",
-    k: Annotated[str, typer.Option("--k", help="Record per row: an integer N (top-N logits + label logit + tail logsumexp at each T), 'all' (dense), 'auto' (smallest N with mean KL(dense||record) <= --max-kl at every --temperatures, measured on the first block; else dense), or 'sampled:S' (S classes drawn from the teacher at --proposal-temperature, stored with counts: unbiased, 1 <= S <= 255).")] = "10",
+    k: Annotated[str, typer.Option("--k", help="Record per row: an integer N (top-N logits + label logit + tail logsumexp at each T), 'all' (dense), 'auto' (smallest N with mean KL(dense||record) <= --max-kl at every --temperatures, measured on the first 4096 rows of view 0; else dense), or 'sampled:S' (S classes drawn from the teacher at --proposal-temperature, stored with counts: unbiased, 1 <= S <= 255).")] = "10",
     temperatures: Annotated[str, typer.Option(help="Temperatures students will train at; the tail statistics are exact at each.")] = "1,4",
     max_kl: Annotated[float, typer.Option("--max-kl", help="--k auto: error budget, mean KL(dense || record) in nats per row, met at every declared temperature.")] = 1e-3,
     proposal_temperature: Annotated[float | None, typer.Option(help="--k sampled:S: the declared temperature whose teacher distribution the classes are drawn from (default: the largest of --temperatures).")] = None,
@@ -238,7 +238,7 @@ def inspect(
         if fid.get("mode") == "auto":
             measured = "  ".join(f"T={temp}: {v:.2e}" for temp, v in fid["kl_by_temperature"].items())
             rows["--k auto"] = (f"chose k={fid['k']} for --max-kl {fid['max_kl']:g} on {fid['sample_rows']} rows "
-                                f"of the first block; measured KL {measured}")
+                                f"of view 0; measured KL {measured}")
         if smp:
             rows["sampled"] = f"S={smp['samples']} draws from T_q={smp['proposal_temperature']:g}, seed {smp['seed']}"
         for key, value in rows.items():

@@ -28,7 +28,7 @@ from stores.errors import SpecError
 from stores.format import teacher_schema
 
 DEFAULT_MAX_KL = 1e-3
-AUTO_SAMPLE_ROWS = 4096  # rows of the first block that `--k auto` measures on
+AUTO_SAMPLE_ROWS = 4096  # rows of view 0 (from row 0, so possibly past the first shard) that `--k auto` measures on
 # Temperatures at which the chosen record's error is also measured when they are NOT declared (then the
 # tail is spread from its T = 1 mass), so a later loss at such a T can be told the error to expect.
 PROBE_TEMPERATURES = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 20.0)

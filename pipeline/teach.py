@@ -418,7 +418,8 @@ def bind_teacher(store: LogitStore, t: LoadedTeacher) -> None:
 
 
 def probe_logits(job: Job, store: LogitStore, t: LoadedTeacher, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Corrected teacher logits and labels of the first ``rows`` rows of view 0 (the first block)."""
+    """Corrected teacher logits and labels of the first ``rows`` rows of view 0 (stored in a seeded
+    permutation of the dataset, so a random sample of it)."""
     cfg = job.cfg
     blocks = [(0, 0, min(rows, store.num_rows))]
     viewed = ViewedRows(job.dataset, job.policy, store.views(), store.manifest_column("dataset_index"), job.size)
@@ -439,7 +440,7 @@ def probe_logits(job: Job, store: LogitStore, t: LoadedTeacher, rows: int) -> tu
 
 def resolve_record(job: Job, store: LogitStore, t: LoadedTeacher) -> None:
     """``--k auto``: the smallest k within --max-kl at every declared T, measured on the first
-    AUTO_SAMPLE_ROWS rows of the first block as the store will hold them; a resumed run reuses it."""
+    AUTO_SAMPLE_ROWS rows of view 0 as the store will hold them; a resumed run reuses it."""
     if t.layout != "auto":
         return
     if t.name in store.teachers:
