@@ -3,7 +3,7 @@
 1. Train a teacher: ``small_cnn`` (pipeline.models) on the ``mnist-pairs`` train split (40 000 pairs,
    100 classes), Adam, plain torch loop, seeded; report its top-1 on the 5 000-pair test split.
 2. Cache the test split with ``kdcache teach`` (``pipeline.teach.run_teach``, so real ``LogitStore``
-   stores on disk) once per record type: top-k (k = 5, 10, 20, 50; tail logsumexp at T = 1 and 4),
+   stores on disk) once per record type: top-k (k = 1, 5, 10, 20, 50; tail logsumexp at T = 1 and 4),
    dense float16, dense uint8 (per-row scale), sampled (S = 8, 16, 32 drawn at T_q = 4, and S = 16 at
    T_q = 1), and ``--k auto --max-kl 1e-3`` with temperatures 1,4 and with 1 only (then T = 4 is read
    from the tail's T = 1 mass, as a loss at an undeclared temperature would).
@@ -14,8 +14,8 @@
    the only finite metric for sampled records (their KL is infinite: p̂ = 0 off the sample).
 4. Students (``--students``, on by default; ``--no-students`` skips): cache a training set
    (``mnist-pairs?n=10000`` train split, identity view) with the same teacher through ``run_teach``
-   once per record (top-5/10/20 + tail at T = 1, 4; dense float16; dense uint8; sampled S = 16 at
-   T_q = 4), then train ``tiny_cnn`` from each store with ``run_train`` (Hinton KD at T = 4,
+   once per record (top-5/10/20/50 + tail at T = 1, 4; dense float16; dense uint8; sampled S = 8/16/32
+   at T_q = 4), then train ``tiny_cnn`` from each store with ``run_train`` (Hinton KD at T = 4,
    w_ce 0.1, w_kd 0.9; SGD lr 0.05 momentum 0.9 wd 5e-4, cosine, batch 128, 8 epochs), plus the
    live-teacher baseline (``online_teacher``: the same teacher on the same replayed views, dense,
    in the float16 store's order) and a no-teacher reference (CE only). Seeds 0, 1, 2 are paired: a
@@ -65,7 +65,7 @@ TEMPS = (1.0, 4.0)
 ARCH = "small_cnn"
 
 RECORDS: list[tuple[str, dict[str, Any]]] = [
-    *[(f"top-{k} + tail (T=1,4)", {"k": k}) for k in (5, 10, 20, 50)],
+    *[(f"top-{k} + tail (T=1,4)", {"k": k}) for k in (1, 5, 10, 20, 50)],
     ("dense float16", {"k": "all"}),
     ("dense uint8 (per-row scale)", {"k": "all", "encoding": "uint8"}),
     *[(f"sampled S={s} (T_q=4)", {"k": f"sampled:{s}"}) for s in (8, 16, 32)],
@@ -76,10 +76,10 @@ RECORDS: list[tuple[str, dict[str, Any]]] = [
 
 # stage two: the records students are trained from, the live-teacher baseline and a no-teacher reference
 STUDENT_RECORDS: list[tuple[str, dict[str, Any]]] = [
-    *[(f"top-{k} + tail (T=1,4)", {"k": k}) for k in (5, 10, 20)],
+    *[(f"top-{k} + tail (T=1,4)", {"k": k}) for k in (5, 10, 20, 50)],
     ("dense float16", {"k": "all"}),
     ("dense uint8 (per-row scale)", {"k": "all", "encoding": "uint8"}),
-    ("sampled S=16 (T_q=4)", {"k": "sampled:16"}),
+    *[(f"sampled S={s} (T_q=4)", {"k": f"sampled:{s}"}) for s in (8, 16, 32)],
 ]
 ONLINE = "online teacher (live, dense)"
 NO_TEACHER = "no teacher (CE only)"

@@ -44,7 +44,6 @@ from pipeline.corrections import apply_correction
 from pipeline.models import build_teacher
 from pipeline.sparse import SparseLogits
 from pipeline.teach import (
-    STAT_NAMES,
     Job,
     TeachConfig,
     ViewedRows,
@@ -58,6 +57,7 @@ from pipeline.teach import (
     prepare,
     record_to_numpy,
     sparse_record,
+    stats_names,
     teacher_name,
 )
 from stores import format as fmt
@@ -409,7 +409,7 @@ def bytes_per_record(job: Job, src: Source, stores: Stores, classes: list[int], 
             store = _base_store(job)
             name = f"{teacher_name(spec)}_c{c}"
             store.add_teacher(name, num_classes=c, k=k, encoding=enc, layout=layout,
-                              temperatures=tuple(cfg.temperatures), stats_names=STAT_NAMES)
+                              temperatures=tuple(cfg.temperatures), stats_names=stats_names(layout, cfg.temperatures))
             for v, s in src.todo:
                 a, b = store.shard_bounds(s)
                 z, y = by_view[v]

@@ -287,14 +287,14 @@ def _run_blocks(store: LogitStore, cfg: TeachConfig, todo: list[tuple[int, int]]
         futures = client.map(label_block_task, [cfg] * len(todo), views, shards, [torch_threads] * len(todo),
                              key=TASK_PREFIX, pure=False, retries=TASK_RETRIES)
         block_of = {f.key: block for f, block in zip(futures, todo, strict=True)}
-        done_rows = 0
+        done_rows, workers = 0, set()
         if progress:
             progress(0, total)
         try:
             for future in as_completed(futures):
                 block = block_of[future.key]
                 try:
-                    future.result()
+                    workers.add(future.result()["worker"])
                 except KilledWorker as err:
                     raise StoreError(
                         f"view {block[0]} shard {block[1]}: its worker died repeatedly ({err}); the finished "
@@ -308,3 +308,5 @@ def _run_blocks(store: LogitStore, cfg: TeachConfig, todo: list[tuple[int, int]]
                     progress(done_rows, total)
         finally:
             client.cancel([f for f in futures if not f.done()])
+        if log:
+            log(f"labelled {len(todo)} block(s) on {len(workers)} worker(s)")

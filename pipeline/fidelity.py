@@ -241,6 +241,15 @@ def _declared(t: float, temps: Sequence[float]) -> bool:
     return any(math.isclose(t, s, rel_tol=1e-9, abs_tol=0.0) for s in temps)
 
 
+def undeclared_probe_temperatures(layout: str, temps: Sequence[float]) -> tuple[float, ...]:
+    """The PROBE_TEMPERATURES a top-k store does not declare: stage one measures its record's KL there
+    on the first batch of every block, so stage two can say what a loss at such a T will read (dense
+    records are exact everywhere; sampled ones are undefined off their declared T)."""
+    if layout != "topk":
+        return ()
+    return tuple(t for t in PROBE_TEMPERATURES if not _declared(t, temps))
+
+
 def check_tail_coverage(
     record_temperatures: Iterable[float],
     needed: Iterable[float],
@@ -284,6 +293,7 @@ def check_tail_coverage(
 def check_store_tail_coverage(teacher_attrs: Mapping, needed: Iterable[float], strict: bool = False
                               ) -> tuple[float, ...]:
     """``check_tail_coverage`` with everything read from a store's teacher attrs."""
-    fidelity = teacher_attrs.get("fidelity") or {}
+    measured = ((teacher_attrs.get("fidelity") or {}).get("kl_at_other_temperatures")  # --k auto's sample
+                or (teacher_attrs.get("summary") or {}).get("kl_at_other_temperatures"))  # every block's first batch
     return check_tail_coverage(teacher_attrs["temperatures"], needed, strict, layout=teacher_attrs["layout"],
-                               measured_kl=fidelity.get("kl_at_other_temperatures"))
+                               measured_kl=measured)

@@ -31,6 +31,7 @@ from pipeline.fidelity import (
     check_max_kl,
     error_metric,
     record_error,
+    undeclared_probe_temperatures,
 )
 from pipeline.models import build_teacher
 from pipeline.sampled import SampledLogits, default_proposal_temperature, parse_samples
@@ -305,19 +306,34 @@ def record_to_numpy(rec: SparseLogits | SampledLogits, dense: bool) -> dict[str,
 STAT_NAMES = ("rows", "teacher_correct", "changed_by_correction", "bf16_rows")
 
 
+def stats_names(layout: str, temps) -> tuple[str, ...]:
+    """The block_stats columns of a teacher: STAT_NAMES, the error per declared T, then (top-k only) the
+    probe rows and the KL at each undeclared probe T (``undeclared_probe_temperatures``)."""
+    probes = undeclared_probe_temperatures(layout, temps)
+    names = STAT_NAMES + tuple(f"{error_metric(layout)}_T{t:g}" for t in temps)
+    return names + (("probe_rows", *(f"kl_probe_T{t:g}" for t in probes)) if probes else ())
+
+
 def block_stats(raw: torch.Tensor, corrected: torch.Tensor, rec: SparseLogits | SampledLogits,
-                labels: torch.Tensor, temps, bf16: bool = False) -> torch.Tensor:
+                labels: torch.Tensor, temps, bf16: bool = False, probes: tuple[float, ...] = (),
+                probe: bool = False) -> torch.Tensor:
     """Per batch sums: rows, teacher top-1 hits, rows the correction changed, rows run in bf16, record
-    error per T (KL(dense||record); for sampled records the KD gradient error, see ``pipeline.fidelity``)."""
+    error per T (KL(dense||record); for sampled records the KD gradient error, see ``pipeline.fidelity``);
+    with ``probes``, the probe rows and KL at those temperatures (zeros unless ``probe``: the first batch
+    of a block)."""
     kl = [record_error(corrected, rec, t).sum() for t in temps]
     rows = torch.tensor(float(len(labels)), dtype=torch.float64, device=raw.device)
+    zero = torch.zeros_like(rows)
     head = [
         rows,
         (raw.argmax(1) == labels).sum().double(),
         (corrected != raw).any(1).sum().double(),
-        rows if bf16 else torch.zeros_like(rows),
+        rows if bf16 else zero,
     ]
-    return torch.stack(head + [v.double() for v in kl])
+    tail = []
+    if probes:
+        tail = [rows if probe else zero] + [record_error(corrected, rec, t).sum() if probe else zero for t in probes]
+    return torch.stack(head + [v.double() for v in kl + tail])
 
 
 class Writer:
@@ -534,7 +550,7 @@ def ensure_teacher(store: LogitStore, cfg: TeachConfig, t: LoadedTeacher, num_cl
     store.add_teacher(
         t.name, num_classes=num_classes, k=t.k, encoding=cfg.encoding,
         layout=layout, temperatures=tuple(cfg.temperatures),
-        stats_names=STAT_NAMES + tuple(f"{error_metric(layout)}_T{temp:g}" for temp in cfg.temperatures),
+        stats_names=stats_names(layout, cfg.temperatures),
         attrs={"identity": identity, "spec": t.spec, **t.provenance,
                "correction": {"name": cfg.correction, "args": cfg.resolved_correction_args()}, **extra},
     )
@@ -665,6 +681,8 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
     writer = Writer(store)
     bf16 = cfg.amp and device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    probes = {t.name: undeclared_probe_temperatures(store.teacher_attrs(t.name)["layout"], cfg.temperatures)
+              for t in teachers}
     parts: dict[str, list[tuple[SparseLogits | SampledLogits, torch.Tensor]]] = {t.name: [] for t in teachers}
     block_iter = iter(todo)
     current, filled, seen, block_len = None, 0, 0, 0
@@ -687,7 +705,9 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
                     raw = raw.float()
                     corrected = apply_correction(cfg.correction, raw, y, **corr_args)
                     rec = make_record(t, corrected, y, _view, _row, cfg)
-                    parts[t.name].append((rec, block_stats(raw, corrected, rec, y, cfg.temperatures, bf16)))
+                    stats = block_stats(raw, corrected, rec, y, cfg.temperatures, bf16, probes[t.name],
+                                        probe=filled == 0)
+                    parts[t.name].append((rec, stats))
             filled += len(y)
             seen += len(y)
             if progress:
@@ -711,8 +731,16 @@ def teacher_summary(store: LogitStore, name: str, temps) -> dict[str, Any]:
     stats = store.block_stats(name)  # (V, S, n) float64, zeros where not done
     total = stats.reshape(-1, stats.shape[-1]).sum(0)
     rows = max(total[0], 1.0)
-    error = {str(t): float(v / rows) for t, v in zip(temps, total[len(STAT_NAMES):], strict=True)}
-    sampled = store.teacher_attrs(name)["layout"] == "sampled"  # KL is infinite: the gradient error instead
+    n_head = len(STAT_NAMES)
+    error = {str(t): float(v / rows) for t, v in zip(temps, total[n_head:n_head + len(temps)], strict=True)}
+    layout = store.teacher_attrs(name)["layout"]
+    sampled = layout == "sampled"  # KL is infinite: the gradient error instead
+    probes = undeclared_probe_temperatures(layout, temps)
+    other = {}
+    if probes:
+        probe_rows = max(total[n_head + len(temps)], 1.0)
+        other = {"kl_at_other_temperatures": {
+            str(t): float(v / probe_rows) for t, v in zip(probes, total[n_head + len(temps) + 1:], strict=True)}}
     return {
         "rows_done": int(total[0]),
         "teacher_top1": float(total[1] / rows),
@@ -720,6 +748,7 @@ def teacher_summary(store: LogitStore, name: str, temps) -> dict[str, Any]:
         "bf16_rows": int(total[3]),
         "kl_by_temperature": None if sampled else error,
         **({"grad_sq_error_by_temperature": error} if sampled else {}),
+        **other,
     }
 
 

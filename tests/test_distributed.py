@@ -117,6 +117,24 @@ def test_two_workers_write_the_single_process_store(tmp_path, scheduler):
     assert read_lock(dist.url) is None, "the driver releases its lock"
 
 
+def test_a_rerun_submits_only_the_unfinished_blocks(tmp_path, scheduler):
+    """Blocks whose done flag is unset (as a crash leaves them) are relabelled; nothing else is submitted."""
+    reference = run_teach(config(tmp_path / "reference.kdc"))
+    run_teach(config(tmp_path / "resumed.kdc"))
+    redo = [(0, 1), (1, 5)]  # (view, shard); shard 5 is the short last one (360 = 5 x 64 + 40)
+    group = zarr.open_group(str(tmp_path / "resumed.kdc"), mode="r+")
+    for view, shard in redo:  # as a crash leaves a block: data not (all) written, done flag unset
+        group["teachers/resnet18/done"][view, shard] = False
+        group["teachers/resnet18/values"][view, shard * 64:(shard + 1) * 64] = 0
+    logs, totals = [], set()
+    store = run_teach_distributed(config(tmp_path / "resumed.kdc"), scheduler=scheduler, log=logs.append,
+                                  progress=lambda d, total: totals.add(total))
+    assert totals == {64 + 40}, "progress counts only the pending blocks' rows"
+    assert any(line.startswith("labelled 2 block(s) on ") for line in logs), logs
+    assert store.done("resnet18").all() and store.verify() == []
+    assert_same_store(reference.url, store.url)
+
+
 def test_a_worker_killed_mid_task_is_retried(tmp_path, scheduler, arm_file):
     from distributed import Client
 

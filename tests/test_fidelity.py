@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from pipeline.fidelity import (
     AUTO_SAMPLE_ROWS,
+    PROBE_TEMPERATURES,
     TailCoverageWarning,
     auto_k,
     auto_k_candidates,
@@ -287,3 +288,25 @@ def test_auto_through_the_cli_keeps_its_promise_and_is_reported(tmp_path):
         np.testing.assert_array_equal(before[key], after[key])
     res = teach(*[x if x != "5e-4" else "1e-3" for x in args])
     assert res.exit_code == 2 and "max_kl" in res.output
+
+
+def test_fixed_k_stores_measure_the_error_at_undeclared_temperatures(tmp_path):
+    """A top-k store declared at T=1 records, from every block's first batch, the KL a loss at another T
+    will read (uniform tail from the T=1 mass); with one block read in one batch that sample is the same
+    rows `--k auto` measures on, so the two agree, and stage two's warning quotes the number."""
+    from pipeline.teach import TeachConfig, run_teach
+
+    common = dict(dataset=DATA, split="test", teachers=[TEACHER], temperatures=(1.0,), batch_size=512,
+                  shard_rows=512, chunk_rows=512)
+    auto = run_teach(TeachConfig(out=str(tmp_path / "auto.kdc"), k="auto", max_kl=1e-2, **common))
+    fid = auto.teacher_attrs(NAME)["fidelity"]
+    fixed = run_teach(TeachConfig(out=str(tmp_path / "fixed.kdc"), k=fid["k"], **common))
+    attrs = fixed.teacher_attrs(NAME)
+    assert attrs["layout"] == "topk" and fixed.num_rows <= 512
+    measured = attrs["summary"]["kl_at_other_temperatures"]
+    assert set(measured) == {str(t) for t in PROBE_TEMPERATURES if t != 1.0}
+    for t, kl in fid["kl_at_other_temperatures"].items():  # auto's is measured after float16 rounding
+        assert measured[t] == pytest.approx(kl, rel=0.05, abs=1e-6)
+    assert all(kl > 0 for kl in measured.values()), "a top-k record is not exact off its declared T"
+    with pytest.warns(TailCoverageWarning, match=r"T=4: KL .* measured on the teach-time sample"):
+        check_store_tail_coverage(attrs, (4.0,))
