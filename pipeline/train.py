@@ -109,7 +109,14 @@ class Source:
 def open_source(cfg: TrainConfig, rank: int = 0, world: int = 1) -> Source:
     """A store (with its dataset, checked by fingerprint) or a plain dataset spec."""
     if not LogitStore.exists(cfg.source):
-        train = load_dataset(cfg.source, "train")
+        try:
+            train = load_dataset(cfg.source, "train")
+        except SpecError:
+            looks_like_a_path = ":" not in cfg.source.split("/", 1)[0] or "://" in cfg.source  # not 'spec:...'
+            if cfg.source.endswith(".kdc") or (looks_like_a_path and os.path.sep in cfg.source):
+                raise SpecError(f"no store at {cfg.source} (and it is not a dataset spec either); check the path, "
+                                "or make the store with `kdcache teach`") from None
+            raise
         size = (cfg.image_size,) * 2 if cfg.image_size else tuple(train.image_size or (224, 224))
         return Source(train, load_dataset(cfg.source, "test"), size, policy=get_view_policy(cfg.view_policy),
                       rank=rank, world=world)

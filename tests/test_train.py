@@ -222,3 +222,9 @@ def test_train_time_swap_equals_a_swapped_cache_except_at_float16_ties(tmp_path,
         assert (record.gather(1, labels[:, None])[:, 0] == record.max(dim=1).values).all()
     assert not (differ & ~tie).any(), "rows without a float16 tie must be swapped identically"
     torch.testing.assert_close(at_train.sort(dim=1).values, stored.sort(dim=1).values, rtol=0, atol=0)
+
+
+def test_a_missing_store_is_named_as_such(tmp_path):
+    line = one_error_line(runner.invoke(app, ["train", str(tmp_path / "nope.kdc"), "--student", "small_cnn",
+                                              "--out", str(tmp_path / "run")]))
+    assert line.startswith(f"error: no store at {tmp_path / 'nope.kdc'}")
