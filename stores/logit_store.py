@@ -416,7 +416,8 @@ class LogitStore:
         a = group.attrs.asdict()
         missing = [key for key in fmt.TEACHER_KEYS if key not in a]
         if missing:
-            raise StoreError(f"teacher {name!r} lacks attrs {', '.join(missing)}; re-add it with replace=True")
+            raise StoreError(f"teacher {name!r} of {self.url} lacks attrs {', '.join(missing)}: the store is damaged; "
+                             "run `kdcache verify`, then re-teach that teacher with --overwrite")
         temps = tuple(a["temperatures"])
         schema = fmt.teacher_schema(a["num_classes"], a["k"], a["encoding"], a["layout"], len(temps))
         try:
@@ -424,7 +425,9 @@ class LogitStore:
             checksum, done = group[fmt.CHECKSUM].with_config(_WRITE_CONFIG), group[fmt.DONE]
             stats = group[fmt.BLOCK_STATS]
         except KeyError as err:
-            raise StoreError(f"teacher {name!r} is missing array {err}; re-add it with replace=True") from None
+            raise StoreError(f"teacher {name!r} of {self.url} is missing array {err} (format 1 stores every record's "
+                             "arrays, label_logit included): the store is damaged; run `kdcache verify`, then "
+                             "re-teach that teacher with --overwrite") from None
         t = _Teacher(
             name, a["num_classes"], a["k"], a["encoding"], a["layout"], temps, schema, arrays, checksum, done, stats
         )

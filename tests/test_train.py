@@ -228,3 +228,16 @@ def test_a_missing_store_is_named_as_such(tmp_path):
     line = one_error_line(runner.invoke(app, ["train", str(tmp_path / "nope.kdc"), "--student", "small_cnn",
                                               "--out", str(tmp_path / "run")]))
     assert line.startswith(f"error: no store at {tmp_path / 'nope.kdc'}")
+
+
+def test_a_store_that_lost_its_label_logits_is_refused(tmp_path, dense_store):
+    """Every loss and correction may read the label logit; a store without it is damaged, not a variant."""
+    import shutil
+
+    damaged = tmp_path / "damaged.kdc"
+    shutil.copytree(dense_store, damaged)
+    shutil.rmtree(damaged / "teachers" / "resnet18" / "label_logit")
+    for loss in ("kd", "dkd"):
+        line = one_error_line(runner.invoke(app, ["train", str(damaged), "--student", "small_cnn", "--loss", loss,
+                                                  "--out", str(tmp_path / loss)]))
+        assert "missing array 'label_logit'" in line and "kdcache verify" in line
