@@ -127,25 +127,42 @@ class SoftLabels:
     def _stream_buffers(self, order: EpochOrder) -> Iterator[dict[str, np.ndarray]]:
         """Each buffer's records in epoch order, read ahead on a thread."""
         out: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()  # set when the consumer stops early (max steps, an error): the reader exits
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def read() -> None:
             try:
                 for buf in order.buffers:
+                    if stop.is_set():
+                        return
                     blocks = [
                         self.store.read_block(self.teacher, int(v), int(c * self.chunk),
                                               int(min((c + 1) * self.chunk, self.num_rows)))
                         for c, v in zip(buf.chunks, buf.views, strict=True)
                     ]
-                    out.put({key: np.concatenate([blk[key] for blk in blocks])[buf.perm] for key in blocks[0]})
-                out.put(None)
+                    if not put({key: np.concatenate([blk[key] for blk in blocks])[buf.perm] for key in blocks[0]}):
+                        return
+                put(None)
             except BaseException as err:  # surfaced in the training loop
-                out.put(err)
+                put(err)
 
-        threading.Thread(target=read, name="kdcache-soft-labels", daemon=True).start()
-        while (item := out.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        reader = threading.Thread(target=read, name="kdcache-soft-labels", daemon=True)
+        reader.start()
+        try:
+            while (item := out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
 
 
 def _slices(buffers: Iterator[dict[str, np.ndarray]], n: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -241,3 +241,24 @@ def test_a_store_that_lost_its_label_logits_is_refused(tmp_path, dense_store):
         line = one_error_line(runner.invoke(app, ["train", str(damaged), "--student", "small_cnn", "--loss", loss,
                                                   "--out", str(tmp_path / loss)]))
         assert "missing array 'label_logit'" in line and "kdcache verify" in line
+
+
+def test_the_stream_reader_stops_when_the_consumer_does(topk_store):
+    """A run capped by --max-steps-per-epoch reads a few batches of each epoch: the reader thread of the
+    unfinished epoch must end, not stay blocked holding its buffers."""
+    import threading
+    import time
+
+    def readers() -> int:
+        return sum(t.name == "kdcache-soft-labels" and t.is_alive() for t in threading.enumerate())
+
+    before = readers()
+    soft = SoftLabels(LogitStore.open(str(topk_store)), "resnet18", preload="no", buffer_chunks=1)
+    for epoch in (1, 2, 3):
+        batches = soft.batches(soft.order(epoch=epoch), 16)
+        next(batches)
+        batches.close()
+    deadline = time.monotonic() + 5
+    while readers() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert readers() == before
