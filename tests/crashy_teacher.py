@@ -1,7 +1,8 @@
 """A teacher for tests/test_distributed.py that kills the dask worker process running it, once.
 
 Spec ``crashy_teacher:crash_once_teacher``. While the file named by ``$KDCACHE_TEST_CRASH_ARM``
-exists, the first forward inside a dask worker removes it and ``os._exit``s that worker process
+exists, the third forward inside a dask worker (mid-way through its second block) removes it and
+``os._exit``s that worker process
 (removal is atomic, so exactly one worker dies). Outside dask workers it is a plain seeded CNN,
 so a single-process run gives the reference store.
 """
@@ -27,14 +28,22 @@ def _in_dask_worker() -> bool:
     return True
 
 
+# Forwards a worker's teacher runs before it may die: tests/test_distributed.py uses 64-row blocks and
+# 32-row batches, so the third forward is the first batch of that worker's second block. The worker dies
+# mid-task, after it finished (and wrote) at least one block of its own.
+FORWARDS_BEFORE_CRASH = 2
+
+
 class CrashOnce(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
+        self.forwards = 0
 
     def forward(self, x):
         arm = os.environ.get(ARM_ENV)
-        if arm and _in_dask_worker():
+        self.forwards += 1
+        if arm and self.forwards > FORWARDS_BEFORE_CRASH and _in_dask_worker():
             try:
                 os.unlink(arm)
             except FileNotFoundError:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,6 +23,7 @@ from pipeline.models import build_model
 from pipeline.teach import TeachConfig, run_teach
 from pipeline.train import TrainConfig, open_source, run_train, validate
 from stores.errors import SpecError
+from stores.logit_store import LogitStore
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -115,3 +117,22 @@ def test_ranks_read_disjoint_shares_of_the_epoch(store, tmp_path):
     for r, share in enumerate(shares):  # positions r, r + 2, ... of the single-process (row, view) order
         assert share.rows.tolist() == whole.rows[r::2].tolist()
         assert share.views.tolist() == whole.views[r::2].tolist()
+
+
+def test_streamed_ranks_read_disjoint_chunks_that_cover_the_epoch(store, tmp_path):
+    """Streamed soft labels: rank r takes chunks r, r + N, ... of the epoch's shuffled chunk order, so the
+    ranks' rows are disjoint, together every row once, and each rank's records are its rows' records."""
+    cfg = TrainConfig(source=str(store), out=str(tmp_path / "x"), **{**ARGS, "preload": "no"})
+    shares = [open_source(cfg, rank=r, world=2).soft for r in range(2)]
+    orders = [soft.order(3) for soft in shares]
+    rows = [set(o.rows.tolist()) for o in orders]
+    assert rows[0].isdisjoint(rows[1])
+    assert sorted(rows[0] | rows[1]) == list(range(LogitStore.open(str(store)).num_rows))
+    chunk = LogitStore.open(str(store)).chunk_rows
+    for soft, order in zip(shares, orders, strict=True):
+        assert set(np.unique(order.rows // chunk).tolist()) == {int(c) for b in order.buffers for c in b.chunks}
+        got = next(soft.batches(order, 32))
+        for key, value in got.items():
+            want = np.stack([soft.store.read_block("resnet18", int(v), int(r), int(r) + 1)[key][0]
+                             for r, v in zip(order.rows[:32], order.views[:32], strict=True)])
+            np.testing.assert_array_equal(value, want)

@@ -44,6 +44,11 @@ def test_teach_inspect_verify_on_urls(tmp_path, scheme):
     assert "checksums match" in res.output and "top-1 agreement 100.0%" in res.output
     res = runner.invoke(app, teach_args(url))  # resume on a URL: nothing left to do
     assert res.exit_code == 0, res.output
+    for preload in ("yes", "no"):  # stage two reads the URL store, preloaded and streamed
+        res = runner.invoke(app, ["train", url, "--student", "small_cnn", "--epochs", "1", "--max-steps-per-epoch",
+                                  "2", "--preload", preload, "--out", str(tmp_path / f"run-{preload}")])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / f"run-{preload}" / "student.pt").exists()
     if scheme == "file":  # the same bytes as through a plain path
         plain = tmp_path / "plain.kdc"
         assert runner.invoke(app, teach_args(str(plain))).exit_code == 0
