@@ -142,7 +142,7 @@ def teach(
     views: Annotated[str, typer.Option(help="Augmented views per row, or 'all' (crop-flip: 162).")] = "1",
     view_policy: Annotated[str, typer.Option(help="identity | crop-flip | rrc-flip.")] = "identity",
     image_size: Annotated[int | None, typer.Option(help="Teacher input size (default: the dataset's, 224 for imagefolder).")] = None,
-    correction: Annotated[str, typer.Option(help="none | swap | sort | loca: label-aware teacher correction applied before caching.")] = "none",
+    correction: Annotated[str, typer.Option(help="none | swap (SLD) | sort (SortKD) | loca (LoCa, unverified: no official code, see README): label-aware teacher correction applied before caching.")] = "none",
     loca_alpha: Annotated[float | None, typer.Option(help="LoCa alpha in (0, 1).")] = None,
     loca_temperature: Annotated[float | None, typer.Option(help="Temperature LoCa calibrates at.")] = None,
     seed: Annotated[int, typer.Option(help="Seeds the row order, the views and random (:none) teacher weights.")] = 0,
