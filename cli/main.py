@@ -231,6 +231,9 @@ def inspect(
                           f"(changed {_pct(t['changed_by_correction'])} of rows)",
             "record error, mean KL(dense||record)": "  ".join(f"T={temp}: {v:.2e}" for temp, v in kl.items()) or "-",
         }
+        other = t.get("kl_at_other_temperatures") or {}
+        if other:  # what a loss at an undeclared T reads (warned about by `kdcache train`)
+            rows["KL at undeclared T (uniform tail)"] = "  ".join(f"T={temp}: {v:.2e}" for temp, v in other.items())
         grad = t.get("grad_sq_error_by_temperature") or {}
         if grad:  # sampled: KL is infinite (p̂ = 0 off the sample); the KD gradient error instead
             rows["record error, KD grad err²"] = "  ".join(f"T={temp}: {v:.2e}" for temp, v in grad.items())

@@ -45,6 +45,8 @@ def describe(store: LogitStore) -> dict[str, Any]:
             "teacher_top1": summary.get("teacher_top1"),
             "changed_by_correction": summary.get("changed_by_correction"),
             "kl_by_temperature": summary.get("kl_by_temperature"),
+            # top-k: KL at undeclared temperatures (uniform tail from the T=1 mass), first batch of each block
+            "kl_at_other_temperatures": summary.get("kl_at_other_temperatures"),
             # sampled records: KL is infinite (p̂ = 0 off the sample); the KD gradient error instead
             "grad_sq_error_by_temperature": summary.get("grad_sq_error_by_temperature"),
             # --k auto: budget, sample size, measured KL per declared T of the chosen k (and every k tried)
