@@ -37,6 +37,7 @@ from pipeline.models import build_teacher
 from pipeline.sampled import SampledLogits, default_proposal_temperature, parse_samples
 from pipeline.sparse import SparseLogits, check_temperatures
 from pipeline.views import get_view_policy
+from stores import format as fmt
 from stores.errors import SpecError, StoreError
 from stores.lock import DriverLock
 from stores.logit_store import LogitStore
@@ -729,23 +730,22 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
 def teacher_summary(store: LogitStore, name: str, temps) -> dict[str, Any]:
     """Accuracy, correction rate and measured record error over the finished blocks."""
     stats = store.block_stats(name)  # (V, S, n) float64, zeros where not done
-    total = stats.reshape(-1, stats.shape[-1]).sum(0)
-    rows = max(total[0], 1.0)
-    n_head = len(STAT_NAMES)
-    error = {str(t): float(v / rows) for t, v in zip(temps, total[n_head:n_head + len(temps)], strict=True)}
-    layout = store.teacher_attrs(name)["layout"]
-    sampled = layout == "sampled"  # KL is infinite: the gradient error instead
-    probes = undeclared_probe_temperatures(layout, temps)
+    attrs = store.teacher_attrs(name)
+    total = dict(zip(attrs[fmt.STATS_NAMES], stats.reshape(-1, stats.shape[-1]).sum(0), strict=True))
+    rows = max(total["rows"], 1.0)
+    metric = error_metric(attrs["layout"])  # sampled: KL is infinite, the gradient error instead
+    error = {str(t): float(total[f"{metric}_T{t:g}"] / rows) for t in temps}
+    probes = undeclared_probe_temperatures(attrs["layout"], temps)
     other = {}
     if probes:
-        probe_rows = max(total[n_head + len(temps)], 1.0)
-        other = {"kl_at_other_temperatures": {
-            str(t): float(v / probe_rows) for t, v in zip(probes, total[n_head + len(temps) + 1:], strict=True)}}
+        probe_rows = max(total["probe_rows"], 1.0)
+        other = {"kl_at_other_temperatures": {str(t): float(total[f"kl_probe_T{t:g}"] / probe_rows) for t in probes}}
+    sampled = attrs["layout"] == "sampled"
     return {
-        "rows_done": int(total[0]),
-        "teacher_top1": float(total[1] / rows),
-        "changed_by_correction": float(total[2] / rows),
-        "bf16_rows": int(total[3]),
+        "rows_done": int(total["rows"]),
+        "teacher_top1": float(total["teacher_correct"] / rows),
+        "changed_by_correction": float(total["changed_by_correction"] / rows),
+        "bf16_rows": int(total["bf16_rows"]),
         "kl_by_temperature": None if sampled else error,
         **({"grad_sq_error_by_temperature": error} if sampled else {}),
         **other,

@@ -112,8 +112,8 @@ def open_source(cfg: TrainConfig, rank: int = 0, world: int = 1) -> Source:
         try:
             train = load_dataset(cfg.source, "train")
         except SpecError:
-            looks_like_a_path = ":" not in cfg.source.split("/", 1)[0] or "://" in cfg.source  # not 'spec:...'
-            if cfg.source.endswith(".kdc") or (looks_like_a_path and os.path.sep in cfg.source):
+            src = cfg.source  # a path or URL, not a 'name:...' dataset spec
+            if src.endswith(".kdc") or "://" in src or (":" not in src and os.path.sep in src):
                 raise SpecError(f"no store at {cfg.source} (and it is not a dataset spec either); check the path, "
                                 "or make the store with `kdcache teach`") from None
             raise
