@@ -131,6 +131,7 @@ def test_a_rerun_submits_only_the_unfinished_blocks(tmp_path, scheduler):
                                   progress=lambda d, total: totals.add(total))
     assert totals == {64 + 40}, "progress counts only the pending blocks' rows"
     assert any(line.startswith("labelled 2 block(s) on ") for line in logs), logs
+    assert any(line.startswith("dask: 2 workers, dashboard http") for line in logs), "the dashboard link is printed"
     assert store.done("resnet18").all() and store.verify() == []
     assert_same_store(reference.url, store.url)
 
