@@ -150,16 +150,18 @@ def job_key(cfg: TeachConfig) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-def worker_job(cfg: TeachConfig) -> Job:
+def worker_job(cfg: TeachConfig) -> tuple[Job, bool]:
     """Load the dataset and teachers once per worker process and keep them for every later task
-    of the same config (one slot: a new config frees the previous teachers' memory)."""
+    of the same config (one slot: a new config frees the previous teachers' memory). Also returns
+    whether this call loaded them."""
     global _JOB
     key = job_key(cfg)
     with _JOB_LOCK:  # a worker with several threads must not load the teacher twice
-        if _JOB is None or _JOB[0] != key:
+        loaded = _JOB is None or _JOB[0] != key
+        if loaded:
             _JOB = None
             _JOB = (key, prepare(copy.deepcopy(cfg)))
-        return dataclasses.replace(_JOB[1], cfg=cfg)
+        return dataclasses.replace(_JOB[1], cfg=cfg), loaded
 
 
 def _configure_worker(torch_threads: int | None) -> None:
@@ -204,7 +206,7 @@ def label_block_task(cfg: TeachConfig, view: int, shard: int, torch_threads: int
     _configure_worker(torch_threads)
     cfg = dataclasses.replace(cfg, device=_worker_device(cfg.device))
     start = time.perf_counter()
-    job = worker_job(cfg)
+    job, teacher_loaded = worker_job(cfg)
     loaded = time.perf_counter()
     store = LogitStore.open(cfg.out, mode="r+")
     if job.dataset.fingerprint() != store.attrs["dataset"]["fingerprint"]:  # hashed once per worker
@@ -212,7 +214,7 @@ def label_block_task(cfg: TeachConfig, view: int, shard: int, torch_threads: int
                          f"data {cfg.out} was cached from (fingerprint); every worker must see the same data "
                          "at the same path")
     rows = label_blocks(job, store, [(view, shard)])
-    return {"view": view, "shard": shard, "rows": rows, "load_s": loaded - start,
+    return {"view": view, "shard": shard, "rows": rows, "load_s": loaded - start, "teacher_loaded": teacher_loaded,
             "label_s": time.perf_counter() - loaded, "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
@@ -287,14 +289,16 @@ def _run_blocks(store: LogitStore, cfg: TeachConfig, todo: list[tuple[int, int]]
         futures = client.map(label_block_task, [cfg] * len(todo), views, shards, [torch_threads] * len(todo),
                              key=TASK_PREFIX, pure=False, retries=TASK_RETRIES)
         block_of = {f.key: block for f, block in zip(futures, todo, strict=True)}
-        done_rows, workers = 0, set()
+        done_rows, workers, loads = 0, set(), 0
         if progress:
             progress(0, total)
         try:
             for future in as_completed(futures):
                 block = block_of[future.key]
                 try:
-                    workers.add(future.result()["worker"])
+                    result = future.result()
+                    workers.add(result["worker"])
+                    loads += result["teacher_loaded"]
                 except KilledWorker as err:
                     raise StoreError(
                         f"view {block[0]} shard {block[1]}: its worker died repeatedly ({err}); the finished "
@@ -309,4 +313,4 @@ def _run_blocks(store: LogitStore, cfg: TeachConfig, todo: list[tuple[int, int]]
         finally:
             client.cancel([f for f in futures if not f.done()])
         if log:
-            log(f"labelled {len(todo)} block(s) on {len(workers)} worker(s)")
+            log(f"labelled {len(todo)} block(s) on {len(workers)} worker(s); teachers loaded {loads} time(s)")

@@ -108,11 +108,14 @@ def scheduler(arm_file) -> str:
 
 def test_two_workers_write_the_single_process_store(tmp_path, scheduler):
     single = run_teach(config(tmp_path / "single.kdc"))
-    blocks = []
-    dist = run_teach_distributed(config(tmp_path / "dist.kdc"), scheduler=scheduler,
+    blocks, logs = [], []
+    dist = run_teach_distributed(config(tmp_path / "dist.kdc"), scheduler=scheduler, log=logs.append,
                                  progress=lambda done, total: blocks.append((done, total)))
     assert dist.done("resnet18").all() and dist.verify() == []
     assert blocks[-1] == (720, 720) and len(blocks) == 13  # 0, then once per block
+    summary = next(line for line in logs if line.startswith("labelled 12 block(s) on "))
+    loads = int(summary.split("teachers loaded ")[1].split(" ")[0])
+    assert loads <= 2, f"each of the 2 workers loads the teacher at most once for 12 blocks: {summary}"
     assert_same_store(single.url, dist.url)
     assert read_lock(dist.url) is None, "the driver releases its lock"
 
