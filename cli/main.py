@@ -310,7 +310,7 @@ def train(
     online_teacher: Annotated[str | None, typer.Option(help="Run this teacher live on the same replayed views instead of reading the cache (baseline).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 240,
     batch_size: Annotated[int, typer.Option(help="Batch size (global: under torchrun each of the N processes takes batch-size / N).")] = 64,
-    lr: Annotated[float, typer.Option(help="Base learning rate (SGD).")] = 0.05,
+    lr: Annotated[float | None, typer.Option(help="Base learning rate (SGD); default: the loss's CIFAR-100 setting (0.05; sld 0.025).")] = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
     schedule: Annotated[str, typer.Option(help="step (x0.1 after each milestone) or cosine.")] = "step",

@@ -275,14 +275,15 @@ class LossSpec:
     needs_teacher: bool
     temperatures: Callable[[Mapping[str, Any]], tuple[float, ...]]
     linear_in_teacher: bool = False
+    lr: float = 0.05  # the paper's CIFAR-100 SGD learning rate (ResNet/WRN students, batch 64)
 
 
 def _spec(fn: Callable[..., Tensor], temperatures, needs_teacher: bool = True,
-          linear_in_teacher: bool = False) -> LossSpec:
+          linear_in_teacher: bool = False, lr: float = 0.05) -> LossSpec:
     """Register ``fn`` with the keyword defaults of its own signature (one source of truth)."""
     params = inspect.signature(fn).parameters.values()
     defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "epoch"}
-    return LossSpec(fn, MappingProxyType(defaults), needs_teacher, temperatures, linear_in_teacher)
+    return LossSpec(fn, MappingProxyType(defaults), needs_teacher, temperatures, linear_in_teacher, lr)
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -292,7 +293,8 @@ LOSSES: dict[str, LossSpec] = {
     "ttm": _spec(ttm, lambda hp: (1.0 / hp["gamma"],), linear_in_teacher=True),
     "wttm": _spec(wttm, lambda hp: (1.0, 1.0 / hp["gamma"])),
     "clkd": _spec(clkd, lambda hp: (1.0,)),  # raw logits: the tail is reconstructed from its T=1 mass
-    "sld": _spec(sld, lambda hp: tuple(float(t) for t in hp["temperatures"])),
+    # SLD's CIFAR-100 configs train ResNet/WRN/VGG8 students at LR 0.025 (research/seed_methods.md §2)
+    "sld": _spec(sld, lambda hp: tuple(float(t) for t in hp["temperatures"]), lr=0.025),
 }
 
 

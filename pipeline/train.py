@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class TrainConfig:
     online_teacher: str | None = None
     epochs: int = 240
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float | None = None  # None: the loss's paper setting (LossSpec.lr: 0.05, sld 0.025)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "step"
@@ -390,6 +390,8 @@ def run_train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     trains the same student as one process with the same global batch, up to all-reduce rounding.
     ``on_epoch`` / ``on_step`` are called on rank 0 only; every rank returns the same metrics.
     """
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=get_loss(cfg.loss).lr)
     ranks = init_ranks(cfg.device)
     try:
         return _run_train(cfg, ranks, on_epoch, on_step)

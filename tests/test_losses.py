@@ -187,6 +187,9 @@ def test_defaults_are_the_papers_cifar100_settings():
         "sld": {"w_ce": 0.1, "w_kd": 0.9, "sld_start_epoch": 150, "temperatures": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)},
     }
     assert [n for n, s in LOSSES.items() if not s.needs_teacher] == ["ce"]
+    # learning rates of the CIFAR-100 configs (ResNet/WRN students): mdistiller/TTM 0.05, SLD 0.025
+    assert {n: s.lr for n, s in LOSSES.items()} == {n: 0.025 if n == "sld" else 0.05 for n in LOSSES}
+    assert sorted(n for n, s in LOSSES.items() if s.linear_in_teacher) == ["ce", "kd", "ttm"]
 
 
 @pytest.mark.parametrize(("name", "overrides", "epoch"), CASES, ids=CASE_IDS)

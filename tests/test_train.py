@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,16 @@ def test_the_stream_reader_stops_when_the_consumer_does(topk_store):
     while readers() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert readers() == before
+
+
+def test_the_default_lr_is_the_losss_paper_setting(tmp_path, topk_store):
+    import json
+
+    for loss, lr in (("sld", 0.025), ("kd", 0.05)):
+        cfg = TrainConfig(source=str(topk_store), student="small_cnn", out=str(tmp_path / loss), loss=loss,
+                          epochs=1, max_steps_per_epoch=1, schedule="step")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sld reads T=2..6, which the store's tail does not declare
+            metrics = run_train(cfg)
+        assert metrics[0]["lr"] == lr
+        assert json.loads((tmp_path / loss / "config.json").read_text())["lr"] == lr
