@@ -37,7 +37,6 @@ from pipeline.models import build_teacher
 from pipeline.sampled import SampledLogits, default_proposal_temperature, parse_samples
 from pipeline.sparse import SparseLogits, check_temperatures
 from pipeline.views import get_view_policy
-from stores import format as fmt
 from stores.errors import SpecError, StoreError
 from stores.lock import DriverLock
 from stores.logit_store import LogitStore
@@ -729,9 +728,8 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
 
 def teacher_summary(store: LogitStore, name: str, temps) -> dict[str, Any]:
     """Accuracy, correction rate and measured record error over the finished blocks."""
-    stats = store.block_stats(name)  # (V, S, n) float64, zeros where not done
     attrs = store.teacher_attrs(name)
-    total = dict(zip(attrs[fmt.STATS_NAMES], stats.reshape(-1, stats.shape[-1]).sum(0), strict=True))
+    total = store.block_stat_totals(name)
     rows = max(total["rows"], 1.0)
     metric = error_metric(attrs["layout"])  # sampled: KL is infinite, the gradient error instead
     error = {str(t): float(total[f"{metric}_T{t:g}"] / rows) for t in temps}

@@ -15,7 +15,6 @@ from pipeline.corrections import apply_correction
 from pipeline.data import load_dataset
 from pipeline.teach import ViewedRows, load_teacher_for_store, resolve_device
 from pipeline.views import get_view_policy
-from stores import format as fmt
 from stores.errors import CorruptionError, StoreError
 from stores.logit_store import LogitStore
 
@@ -88,15 +87,11 @@ def replay_check(store: LogitStore, spec: str, samples: int = 64, seed: int = 0,
         excess.append((d - tol).max())
         # top-1 agrees unless the stored top class is behind the recomputed one by more than the tolerance
         top = int(np.argmax(stored))
-        among = recomputed if "counts" in rec else (z[i] if "indices" not in rec else None)
-        best = float(among.max()) if among is not None else float(z[i].max())
+        best = float(recomputed.max() if "counts" in rec else z[i].max())  # sampled: among the classes drawn
         agree.append(best - float(recomputed[top]) <= float(tol[top]))
     return ReplayReport(teacher.name, len(pick), float(max(diffs)), float(max(excess)), float(np.mean(agree)))
 
 
 def labelled_in_bf16(store: LogitStore, name: str) -> bool:
     """Whether any finished block of the teacher was labelled under bf16 autocast (its ``bf16_rows`` stat)."""
-    names = list(store.teacher_attrs(name).get(fmt.STATS_NAMES, []))
-    if "bf16_rows" not in names:
-        return False
-    return bool(store.block_stats(name)[..., names.index("bf16_rows")].sum() > 0)
+    return store.block_stat_totals(name).get("bf16_rows", 0.0) > 0

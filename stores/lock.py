@@ -53,6 +53,18 @@ def is_lock_file(name: str) -> bool:
     return base == LOCK_NAME or base.startswith(LOCK_NAME + ".")
 
 
+def clear_store(fs, root: str) -> None:
+    """Remove a store's contents; the directory and a driver lock in it stay when a lock is there
+    (the driver holding it is the one clearing the store)."""
+    entries = fs.ls(root, detail=False)
+    if not any(is_lock_file(p) for p in entries):
+        fs.rm(root, recursive=True)
+        return
+    for path in entries:
+        if not is_lock_file(path):
+            fs.rm(path, recursive=True)
+
+
 class StoreLockedError(StoreError):
     """Another live driver holds the store's lock."""
 
@@ -308,13 +320,9 @@ class DriverLock:
     def discard_new_store(self) -> None:
         """Remove everything under a root this driver created, but the lock (``release`` then removes the
         lock and the empty root): a first run that failed before any work counted leaves nothing behind."""
-        if not self._created_root:
-            return
-        fs, root = self.files.fs, self.files.root
-        for entry in fs.ls(root, detail=False):
-            if not is_lock_file(entry):
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm(entry, recursive=True)
+        if self._created_root:
+            with contextlib.suppress(FileNotFoundError):
+                clear_store(self.files.fs, self.files.root)
 
     def _cleanup_root(self) -> None:
         """A failed first run leaves no empty store directory behind."""

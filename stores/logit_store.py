@@ -23,7 +23,7 @@ from . import format as fmt
 from . import manifest as mf
 from .codecs import decode_values, encode_values, to_float16
 from .errors import CorruptionError, StoreError
-from .lock import is_lock_file
+from .lock import clear_store, is_lock_file
 
 _WRITE_CONFIG = {"write_empty_chunks": True}  # store every chunk, so -0.0 / NaN payloads survive
 
@@ -171,7 +171,7 @@ class LogitStore:
             group.update_attributes({fmt.ATTR_KEY: meta})
         except BaseException:
             if fs.exists(root):
-                _clear(fs, root)
+                clear_store(fs, root)
             raise
         return cls(url, fs, root, store, group, meta, "r+")
 
@@ -400,6 +400,14 @@ class LogitStore:
         """(V, num_shards, n) float64 per-block sums, zero for blocks not written (see add_teacher)."""
         t = self._teacher(name)
         return np.asarray(t.stats[:], dtype=np.float64) * self.done(name)[..., None]
+
+    def block_stat_totals(self, name: str) -> dict[str, float]:
+        """The teacher's per-block stats summed over its done blocks, by column name (``stats_names``)."""
+        names = self.teacher_attrs(name).get(fmt.STATS_NAMES, [])
+        if not names:
+            return {}
+        stats = self.block_stats(name)
+        return dict(zip(names, (float(v) for v in stats.reshape(-1, stats.shape[-1]).sum(0)), strict=True))
 
     def done(self, name: str) -> np.ndarray:
         """(V, num_shards) bool: which blocks are completely written (read fresh)."""
@@ -659,21 +667,10 @@ def _prepare_output(fs, root: str, url: str, overwrite: bool) -> None:
         raise StoreError(f"{url} already exists; choose another path or pass --overwrite to replace it")
     if not fs.exists(f"{root}/zarr.json"):
         raise StoreError(f"{url} is a non-empty directory that is not a zarr store; refusing to overwrite it")
-    _clear(fs, root)
+    clear_store(fs, root)
 
 
 def _entries(fs, root: str) -> list[str]:
     """What is in a store directory, the driver's lock files left out."""
     return [p for p in fs.ls(root, detail=False) if not is_lock_file(p)]
 
-
-def _clear(fs, root: str) -> None:
-    """Remove a store's contents; the directory and a driver lock in it stay when a lock is there
-    (the driver holding it is the one clearing the store)."""
-    entries = fs.ls(root, detail=False)
-    if not any(is_lock_file(p) for p in entries):
-        fs.rm(root, recursive=True)
-        return
-    for path in entries:
-        if not is_lock_file(path):
-            fs.rm(path, recursive=True)
