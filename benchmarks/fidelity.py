@@ -1,8 +1,8 @@
 """Record fidelity benchmark (DESIGN.md §7 "Fidelity"): bytes per record vs error, on a trained 100-class teacher.
 
-1. Train a teacher: ``small_cnn`` (pipeline.models) on the ``mnist-pairs`` train split (40 000 pairs,
+1. Train a teacher: ``small_cnn`` (kdcache.models) on the ``mnist-pairs`` train split (40 000 pairs,
    100 classes), Adam, plain torch loop, seeded; report its top-1 on the 5 000-pair test split.
-2. Cache the test split with ``kdcache teach`` (``pipeline.teach.run_teach``, so real ``LogitStore``
+2. Cache the test split with ``kdcache teach`` (``kdcache.teach.run_teach``, so real ``LogitStore``
    stores on disk) once per record type: top-k (k = 1, 5, 10, 20, 50; tail logsumexp at T = 1 and 4),
    dense float16, dense uint8 (per-row scale), sampled (S = 8, 16, 32 drawn at T_q = 4, and S = 16 at
    T_q = 1), and ``--k auto --max-kl 1e-3`` with temperatures 1,4 and with 1 only (then T = 4 is read
@@ -10,7 +10,7 @@
 3. For each store: bytes per record on disk (every file of the teacher's group: arrays, checksums,
    done flags, metadata; divided by rows x views) and the error of what stage two reads back:
    mean KL(p_T || record_T) at T = 1 and 4 against the dense float64 teacher (float32 forward,
-   promoted), and the KD gradient error ||(sum r) p - r||^2 (``pipeline.fidelity.gradient_error``),
+   promoted), and the KD gradient error ||(sum r) p - r||^2 (``kdcache.fidelity.gradient_error``),
    the only finite metric for sampled records (their KL is infinite: p̂ = 0 off the sample).
 4. Students (``--students``, on by default; ``--no-students`` skips): cache a training set
    (``mnist-pairs?n=10000`` train split, identity view) with the same teacher through ``run_teach``
@@ -51,15 +51,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import load_dataset  # noqa: E402
-from pipeline.fidelity import gradient_error  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.sampled import SampledLogits  # noqa: E402
-from pipeline.sparse import SparseLogits, kl_to_dense  # noqa: E402
-from pipeline.teach import TeachConfig, ViewedRows, run_teach  # noqa: E402
-from pipeline.train import TrainConfig, run_train  # noqa: E402
-from pipeline.views import get_view_policy  # noqa: E402
-from stores.logit_store import LogitStore  # noqa: E402
+from kdcache.data import load_dataset  # noqa: E402
+from kdcache.fidelity import gradient_error  # noqa: E402
+from kdcache.models import build_model  # noqa: E402
+from kdcache.replay import ViewedRows  # noqa: E402
+from kdcache.sampled import SampledLogits  # noqa: E402
+from kdcache.sparse import SparseLogits, kl_to_dense  # noqa: E402
+from kdcache.stores.logit_store import LogitStore  # noqa: E402
+from kdcache.teach import TeachConfig, run_teach  # noqa: E402
+from kdcache.train import TrainConfig, run_train  # noqa: E402
+from kdcache.views import get_view_policy  # noqa: E402
 
 TEMPS = (1.0, 4.0)
 ARCH = "small_cnn"

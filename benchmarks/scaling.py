@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from pipeline.distributed import run_teach_distributed, start_local_cluster
-from pipeline.teach import TeachConfig, finish, label_blocks, open_store_for, pending_blocks, prepare, run_teach
+from kdcache.distributed import run_teach_distributed, start_local_cluster
+from kdcache.teach import TeachConfig, finish, label_blocks, open_store_for, pending_blocks, prepare, run_teach
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,19 +39,19 @@ import numpy as np
 import torch
 import zarr
 
-import pipeline.teach as teach_mod
-from pipeline.corrections import apply_correction
-from pipeline.models import build_teacher
-from pipeline.sparse import SparseLogits
-from pipeline.teach import (
+import kdcache.teach as teach_mod
+from kdcache.corrections import apply_correction
+from kdcache.models import build_teacher
+from kdcache.replay import BlockBatches, ViewedRows, default_workers, replay_loader
+from kdcache.sparse import SparseLogits
+from kdcache.stores import format as fmt
+from kdcache.stores.logit_store import LogitStore
+from kdcache.teach import (
     Job,
     TeachConfig,
-    ViewedRows,
     Writer,
     block_stats,
-    default_workers,
     label_blocks,
-    make_loader,
     open_store_for,
     pending_blocks,
     prepare,
@@ -60,8 +60,6 @@ from pipeline.teach import (
     stats_names,
     teacher_name,
 )
-from stores import format as fmt
-from stores.logit_store import LogitStore
 
 TARGETS = {"cpu": 0.90, "cuda": 0.95}
 # A pass ran uncontended when its CPU use (CPU s / wall s / cores) is at least QUIET x the highest
@@ -122,7 +120,7 @@ class Source:
 
     def loader(self, job: Job):
         rows = ViewedRows(job.dataset, job.policy, self.views, self.dataset_index, job.size)
-        return make_loader(rows, self.blocks, job.cfg.batch_size, workers_for(job), job.device)
+        return replay_loader(rows, BlockBatches(self.blocks, job.cfg.batch_size), workers_for(job), job.device)
 
 
 def bare_pass(job: Job, src: Source) -> tuple[float, float, int]:
@@ -274,7 +272,7 @@ def overhead_profile(job: Job, src: Source, stores: Stores, top: int) -> dict[st
     parts = {
         "teacher_forward": type(model).forward,
         "loader_next": torch.utils.data.dataloader._BaseDataLoaderIter.__next__,
-        "make_loader": getattr(teach_mod, "make_loader", None),
+        "replay_loader": getattr(teach_mod, "replay_loader", None),
         "make_record": getattr(teach_mod, "make_record", None),
         "sparse_record": getattr(teach_mod, "sparse_record", None),
         "apply_correction": getattr(teach_mod, "apply_correction", None),
@@ -448,7 +446,7 @@ def bytes_per_record(job: Job, src: Source, stores: Stores, classes: list[int], 
 def _base_store(job: Job) -> LogitStore:
     """A store with labels, views and manifest but no teacher (the teacher is added by hand, as its
     head width differs from the dataset's)."""
-    from pipeline.teach import open_or_create
+    from kdcache.teach import open_or_create
 
     return open_or_create(job.cfg, job.dataset, job.policy)
 

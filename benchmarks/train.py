@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.soft_labels import SoftLabels  # noqa: E402
-from pipeline.teach import TeachConfig, run_teach  # noqa: E402
-from pipeline.train import TrainConfig, run_train  # noqa: E402
-from stores.logit_store import LogitStore  # noqa: E402
+from kdcache.soft_labels import SoftLabels  # noqa: E402
+from kdcache.stores.logit_store import LogitStore  # noqa: E402
+from kdcache.teach import TeachConfig, run_teach  # noqa: E402
+from kdcache.train import TrainConfig, run_train  # noqa: E402
 
 
 def student_throughput(args, work: Path) -> dict:

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from stores.errors import KdcacheError
+from kdcache.stores.errors import KdcacheError
 
 app = typer.Typer(
     name="kdcache",
@@ -163,7 +163,7 @@ def teach(
     --out may be a path or an fsspec URL (file://, s3://, gs://, memory:// in-process only). One
     driver at a time per store: a second one is refused, naming the holder of <out>/kdcache.lock.
     """
-    from pipeline.teach import TeachConfig, run_teach
+    from kdcache.teach import TeachConfig, run_teach
 
     corr_args: dict[str, Any] = {}
     if loca_alpha is not None:
@@ -179,7 +179,7 @@ def teach(
         break_lock=break_lock,
     )
     if cluster is not None or scheduler is not None:
-        from pipeline.distributed import run_teach_distributed
+        from kdcache.distributed import run_teach_distributed
 
         with rows_progress("teach (dask)") as report:
             store = run_teach_distributed(cfg, cluster=cluster, scheduler=scheduler, progress=report,
@@ -187,7 +187,7 @@ def teach(
     else:
         with rows_progress("teach") as report:
             store = run_teach(cfg, progress=report)
-    from pipeline.describe import describe
+    from kdcache.describe import describe
 
     info = describe(store)
     for name, t in info["teachers"].items():
@@ -206,8 +206,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Rows, views, teachers, k, encodings, bytes on disk and per record, accuracy, record error."""
-    from pipeline.describe import describe
-    from stores.logit_store import LogitStore
+    from kdcache.describe import describe
+    from kdcache.stores.logit_store import LogitStore
 
     info = describe(LogitStore.open(store))
     if as_json:
@@ -259,9 +259,9 @@ def verify(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
 ) -> None:
     """Check structure, done flags and per-shard checksums; with --teacher, replay and recompute."""
-    from pipeline.verify import replay_check
-    from stores.errors import CorruptionError
-    from stores.logit_store import LogitStore
+    from kdcache.stores.errors import CorruptionError
+    from kdcache.stores.logit_store import LogitStore
+    from kdcache.verify import replay_check
 
     st = LogitStore.open(store)
     problems = st.verify()
@@ -329,10 +329,10 @@ def train(
 ) -> None:
     """Stage two: train a student from a store (no teacher in memory), or from a dataset with --loss ce.
 
-    Several GPUs (DDP): `torchrun --nproc-per-node N -m cli.main train ...`; --batch-size stays the
+    Several GPUs (DDP): `torchrun --nproc-per-node N -m kdcache.cli train ...`; --batch-size stays the
     global batch, rank 0 prints and writes the run directory.
     """
-    from pipeline.train import TrainConfig, run_train
+    from kdcache.train import TrainConfig, run_train
 
     corr_args: dict[str, Any] = {}
     if loca_alpha is not None:
@@ -375,7 +375,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed for every run (paired comparisons).")] = 0,
 ) -> None:
     """End to end on bundled data: train a teacher, cache it with views, train students from the cache."""
-    from pipeline.demo import run_demo
+    from kdcache.demo import run_demo
 
     run_demo(out=out, dataset=dataset, epochs=epochs, teacher_epochs=teacher_epochs, seed=seed, console=Console())
 

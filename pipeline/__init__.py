@@ -1,3 +1,5 @@
-"""kdcache pipeline: datasets, views, teachers, records, corrections, losses, stage one and two."""
+"""kdcache: offline teacher-logit caching for knowledge distillation."""
 
-__version__ = "0.1.0"
+from kdcache._version import __version__
+
+__all__ = ["__version__"]

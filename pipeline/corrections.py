@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.sparse import SparseLogits
-from stores.errors import SpecError
+from kdcache.sparse import SparseLogits
+from kdcache.stores.errors import SpecError
 
 RestLse = Callable[[float], Tensor]
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stores.errors import SpecError
+from kdcache.stores.errors import SpecError
 
 SPEC_FORMS = "digits, mnist5k, mnist-pairs, torchvision:<Name>, imagefolder:PATH"
 SPLITS = ("train", "test", "val")

@@ -13,9 +13,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.teach import TeachConfig, run_teach
-from pipeline.train import TrainConfig, run_train
-from stores.logit_store import LogitStore
+from kdcache.stores.logit_store import LogitStore
+from kdcache.teach import TeachConfig, run_teach
+from kdcache.train import TrainConfig, run_train
 
 TEACHER, STUDENT = "small_cnn_wide", "tiny_cnn"
 

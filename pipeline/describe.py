@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stores.logit_store import LogitStore
+from kdcache.stores.logit_store import LogitStore
 
 
 def describe(store: LogitStore) -> dict[str, Any]:

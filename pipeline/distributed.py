@@ -39,7 +39,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline.teach import (
+from kdcache.stores.errors import KdcacheError, SpecError, StoreError
+from kdcache.stores.lock import DriverLock
+from kdcache.stores.logit_store import LogitStore, open_location
+from kdcache.teach import (
     Job,
     TeachConfig,
     discard_if_nothing_done,
@@ -49,9 +52,6 @@ from pipeline.teach import (
     pending_blocks,
     prepare,
 )
-from stores.errors import KdcacheError, SpecError, StoreError
-from stores.lock import DriverLock
-from stores.logit_store import LogitStore, open_location
 
 # zarr's own concurrency inside a worker that already runs one task per process (zarr docs,
 # "Using Zarr with Dask"; research/engineering.md §1.3).

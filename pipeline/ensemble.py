@@ -14,7 +14,7 @@ probabilities. Every member is cached over the same views of the same rows (stag
   labels, num_classes, temperatures (the temperatures every member declares), __len__, to, index
 
 Train-time corrections (``--correction``) and SLD (which swaps the teacher's logits) act on one
-teacher's logits; they are refused for an ensemble (``pipeline.train.validate``). A member cached
+teacher's logits; they are refused for an ensemble (``kdcache.train.validate``). A member cached
 with a correction enters the mean corrected.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stores.errors import SpecError
+from kdcache.stores.errors import SpecError
 
 
 def parse_teachers(spec: str | None) -> list[str]:

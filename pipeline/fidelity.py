@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.sampled import SampledLogits
-from pipeline.sparse import SparseLogits, check_temperatures, kl_to_dense
-from stores.codecs import decode_values, encode_values, to_float16
-from stores.errors import SpecError
-from stores.format import teacher_schema
+from kdcache.sampled import SampledLogits
+from kdcache.sparse import SparseLogits, check_temperatures, kl_to_dense
+from kdcache.stores.codecs import decode_values, encode_values, to_float16
+from kdcache.stores.errors import SpecError
+from kdcache.stores.format import teacher_schema
 
 DEFAULT_MAX_KL = 1e-3
 AUTO_SAMPLE_ROWS = 4096  # rows of view 0 (from row 0, so possibly past the first shard) that `--k auto` measures on
@@ -188,7 +188,7 @@ def auto_k(logits: Tensor, labels: Tensor, temperatures: Iterable[float], max_kl
 def roundtrip_record(rec: SparseLogits, encoding: str, dense: bool) -> SparseLogits:
     """The record as stage two reads it back from a store with this value encoding.
 
-    Mirrors what stage one writes (``pipeline.teach.record_to_numpy``: a dense record stores all C
+    Mirrors what stage one writes (``kdcache.teach.record_to_numpy``: a dense record stores all C
     logits in class order) and what stage two builds from it (dense: ``SparseLogits.from_dense``).
     """
     device, temps = rec.device, rec.temperatures

@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.corrections import apply_correction
-from stores.errors import SpecError
+from kdcache.corrections import apply_correction
+from kdcache.stores.errors import SpecError
 
 if TYPE_CHECKING:
-    from pipeline.sparse import SparseLogits
+    from kdcache.sparse import SparseLogits
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:

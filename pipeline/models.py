@@ -30,8 +30,8 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.cifar_nets import CIFAR_RESNETS, WIDE_RESNETS, CifarResNet, WideResNet
-from stores.errors import SpecError
+from kdcache.cifar_nets import CIFAR_RESNETS, WIDE_RESNETS, CifarResNet, WideResNet
+from kdcache.stores.errors import SpecError
 
 TEACHER_FORMS = ("torchvision:<arch>[:<WEIGHTS>|none], <arch>@path/to/state_dict.pt, "
                  "package.module:factory")
@@ -261,3 +261,14 @@ def build_teacher(spec: str, num_classes: int, seed: int = 0) -> tuple[nn.Module
     if ":" in spec:
         return _factory_teacher(spec, num_classes, seed)
     raise SpecError(f"unknown teacher spec '{spec}'; expected one of: {TEACHER_FORMS}")
+
+
+def check_output_width(model: torch.nn.Module, spec: str, num_classes: int, size, device) -> None:
+    """A teacher with the wrong head would silently cache nonsense: check one forward first."""
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, *size, device=device))
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise SpecError(
+            f"teacher '{spec}' outputs {tuple(out.shape[1:])} logits but the dataset has {num_classes} "
+            "classes; use a teacher trained on this dataset (or :none weights, built with the right head)"
+        )

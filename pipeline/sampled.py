@@ -45,7 +45,7 @@ Variance and size vs top-k (measured in benchmarks/RESULTS.md, "Record fidelity"
   epoch. The noise averages out over the rows of a batch and over views (each view has its own
   draw), like zero-mean label noise. KL(dense || record) is infinite for a sampled record (p̂ = 0 off
   the sample), so its error is reported as the squared error of the KD logit-gradient at the teacher
-  (``pipeline.fidelity.gradient_error``) instead.
+  (``kdcache.fidelity.gradient_error``) instead.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.sparse import check_temperatures
-from stores.errors import SpecError
+from kdcache.sparse import check_temperatures
+from kdcache.stores.errors import SpecError
 
 MAX_SAMPLES = 255  # counts are stored as uint8
 _NEG_INF = float("-inf")

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stores.errors import SpecError
-from stores.logit_store import LogitStore
+from kdcache.stores.errors import SpecError
+from kdcache.stores.logit_store import LogitStore
 
 
 @dataclass

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from stores.errors import SpecError
+from kdcache.stores.errors import SpecError
 
 _NEG_INF = float("-inf")
 

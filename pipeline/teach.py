@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torchvision
 
-from pipeline import __version__
-from pipeline.corrections import apply_correction, get_correction
-from pipeline.data import ImageDataset, load_dataset
-from pipeline.fidelity import (
+from kdcache._version import __version__
+from kdcache.corrections import apply_correction, get_correction
+from kdcache.data import ImageDataset, load_dataset
+from kdcache.fidelity import (
     AUTO_SAMPLE_ROWS,
     DEFAULT_MAX_KL,
     auto_k,
@@ -33,13 +33,14 @@ from pipeline.fidelity import (
     record_error,
     undeclared_probe_temperatures,
 )
-from pipeline.models import build_teacher
-from pipeline.sampled import SampledLogits, default_proposal_temperature, parse_samples
-from pipeline.sparse import SparseLogits, check_temperatures
-from pipeline.views import get_view_policy
-from stores.errors import SpecError, StoreError
-from stores.lock import DriverLock
-from stores.logit_store import LogitStore
+from kdcache.models import build_teacher, check_output_width
+from kdcache.replay import BlockBatches, ViewedRows, default_workers, replay_loader, resolve_device
+from kdcache.sampled import SampledLogits, default_proposal_temperature, parse_samples
+from kdcache.sparse import SparseLogits, check_temperatures
+from kdcache.stores.errors import SpecError, StoreError
+from kdcache.stores.lock import DriverLock
+from kdcache.stores.logit_store import LogitStore
+from kdcache.views import get_view_policy
 
 DEFAULT_TEMPERATURES = (1.0, 4.0)
 
@@ -128,12 +129,6 @@ def teacher_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "teacher"
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def validate(cfg: TeachConfig) -> None:
     """Reject bad flags before anything touches the disk."""
     if not cfg.teachers:
@@ -178,91 +173,6 @@ def check_proposal_temperature(cfg: TeachConfig) -> None:
         raise SpecError(f"--proposal-temperature {t_q:g} must be one of the declared --temperatures "
                         f"({', '.join(f'{t:g}' for t in cfg.temperatures)})")
     cfg.proposal_temperature = t_q
-
-
-class ViewedRows(torch.utils.data.Dataset):
-    """(view, row) -> normalised image of that row under that view's stored parameters.
-
-    Stage two replays exactly this (same ``apply``), so a cached logit belongs to its input.
-    """
-
-    def __init__(self, dataset: ImageDataset, policy, view_params: dict[str, np.ndarray],
-                 dataset_index: np.ndarray, size: tuple[int, int]):
-        self.dataset = dataset
-        self.policy = policy
-        self.view_params = view_params
-        self.dataset_index = dataset_index
-        self.size = size
-        self.mean = torch.tensor(dataset.mean).view(-1, 1, 1)
-        self.std = torch.tensor(dataset.std).view(-1, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.dataset_index)
-
-    def __getitem__(self, item: tuple[int, int]):
-        view, row = item
-        image, label = self.dataset[int(self.dataset_index[row])]
-        params = {name: arr[view, row].item() for name, arr in self.view_params.items()}
-        x = self.policy.apply(image, params, self.size)
-        return (x - self.mean) / self.std, label, view, row
-
-    def __getitems__(self, items: list[tuple[int, int]]):
-        """A whole batch at once (DataLoader calls this): one vectorised view replay per batch."""
-        if self.dataset.image_size is None:  # variable-size images: replay one by one
-            return collate_rows([self[item] for item in items])
-        views = np.fromiter((v for v, _ in items), dtype=np.int64, count=len(items))
-        rows = np.fromiter((r for _, r in items), dtype=np.int64, count=len(items))
-        pairs = [self.dataset[int(i)] for i in self.dataset_index[rows]]
-        images = torch.stack([image for image, _ in pairs])
-        labels = torch.as_tensor([label for _, label in pairs])
-        params = {name: arr[views, rows] for name, arr in self.view_params.items()}
-        x = self.policy.apply_batch(images, params, self.size)
-        return (x - self.mean) / self.std, labels, torch.from_numpy(views), torch.from_numpy(rows)
-
-
-def collate_rows(samples: list[tuple]) -> tuple:
-    return torch.utils.data.default_collate(samples)
-
-
-def already_batched(batch: tuple) -> tuple:
-    """collate_fn for ViewedRows.__getitems__, which returns a finished batch."""
-    return batch
-
-
-class BlockBatches(torch.utils.data.Sampler):
-    """Batches of (view, row) that never straddle a block, in block order."""
-
-    def __init__(self, blocks: list[tuple[int, int, int]], batch_size: int):
-        self.blocks = blocks  # (view, start, stop)
-        self.batch_size = batch_size
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for view, start, stop in self.blocks:
-            for a in range(start, stop, self.batch_size):
-                yield [(view, r) for r in range(a, min(a + self.batch_size, stop))]
-
-    def __len__(self) -> int:
-        return sum(-(-(b - a) // self.batch_size) for _, a, b in self.blocks)
-
-
-def make_loader(rows: ViewedRows, blocks, batch_size: int, workers: int, device: torch.device):
-    """The one loader stage one (and its benchmark's bare loop) reads from."""
-    return torch.utils.data.DataLoader(
-        rows,
-        batch_sampler=BlockBatches(blocks, batch_size),
-        num_workers=workers,
-        collate_fn=already_batched,
-        pin_memory=device.type == "cuda",
-        multiprocessing_context="spawn" if workers > 0 else None,
-        persistent_workers=False,
-    )
-
-
-def default_workers(dataset: ImageDataset) -> int:
-    """In-memory toy data decodes faster in-process than through spawned workers."""
-    if getattr(dataset, "in_memory", False):
-        return 0
-    return min(8, max(1, (torch.get_num_threads() or 2) - 1))
 
 
 def input_size(cfg: TeachConfig, dataset: ImageDataset) -> tuple[int, int]:
@@ -318,7 +228,7 @@ def block_stats(raw: torch.Tensor, corrected: torch.Tensor, rec: SparseLogits | 
                 labels: torch.Tensor, temps, bf16: bool = False, probes: tuple[float, ...] = (),
                 probe: bool = False) -> torch.Tensor:
     """Per batch sums: rows, teacher top-1 hits, rows the correction changed, rows run in bf16, record
-    error per T (KL(dense||record); for sampled records the KD gradient error, see ``pipeline.fidelity``);
+    error per T (KL(dense||record); for sampled records the KD gradient error, see ``kdcache.fidelity``);
     with ``probes``, the probe rows and KL at those temperatures (zeros unless ``probe``: the first batch
     of a block)."""
     kl = [record_error(corrected, rec, t).sum() for t in temps]
@@ -400,17 +310,6 @@ def resolve_k(k: int | str, num_classes: int) -> int:
     return int(k)
 
 
-def check_output_width(model: torch.nn.Module, spec: str, num_classes: int, size, device) -> None:
-    """A teacher with the wrong head would silently cache nonsense: check one forward first."""
-    with torch.inference_mode():
-        out = model(torch.zeros(1, 3, *size, device=device))
-    if out.ndim != 2 or out.shape[1] != num_classes:
-        raise SpecError(
-            f"teacher '{spec}' outputs {tuple(out.shape[1:])} logits but the dataset has {num_classes} "
-            "classes; use a teacher trained on this dataset (or :none weights, built with the right head)"
-        )
-
-
 def load_teacher(spec: str, cfg: TeachConfig, num_classes: int, size, device) -> LoadedTeacher:
     model, provenance = build_teacher(spec, num_classes, seed=cfg.seed)
     model = model.to(device).eval()
@@ -443,7 +342,7 @@ def probe_logits(job: Job, store: LogitStore, t: LoadedTeacher, rows: int) -> tu
     autocast = torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=cfg.amp and job.device.type == "cuda")
     out, labels = [], []
     with torch.inference_mode():
-        for x, y, _view, _row in make_loader(viewed, blocks, cfg.batch_size, workers, job.device):
+        for x, y, _view, _row in replay_loader(viewed, BlockBatches(blocks, cfg.batch_size), workers, job.device):
             x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
             if job.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -676,7 +575,7 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
     rows = ViewedRows(job.dataset, job.policy, view_params_for(store, [v for v, _ in todo]),
                       store.manifest_column("dataset_index"), job.size)
     workers = default_workers(job.dataset) if cfg.workers is None else cfg.workers
-    loader = make_loader(rows, blocks, cfg.batch_size, workers, device)
+    loader = replay_loader(rows, BlockBatches(blocks, cfg.batch_size), workers, device)
     corr_args = cfg.resolved_correction_args()
     writer = Writer(store)
     bf16 = cfg.amp and device.type == "cuda"

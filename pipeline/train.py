@@ -23,19 +23,19 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from pipeline.corrections import apply_correction, get_correction
-from pipeline.data import ImageDataset, load_dataset
-from pipeline.ensemble import EnsembleRecord, ensemble_attrs, parse_teachers
-from pipeline.fidelity import check_store_tail_coverage
-from pipeline.losses import LOSSES, get_loss, loss_temperatures, resolve_hparams
-from pipeline.models import build_model, build_teacher
-from pipeline.sampled import SampledLogits
-from pipeline.soft_labels import EpochOrder, SoftLabels, epoch_rng
-from pipeline.sparse import SparseLogits, check_temperatures
-from pipeline.teach import ViewedRows, already_batched, check_output_width, default_workers, resolve_device
-from pipeline.views import get_view_policy, view_policy_from_record
-from stores.errors import SpecError, StoreError
-from stores.logit_store import LogitStore
+from kdcache.corrections import apply_correction, get_correction
+from kdcache.data import ImageDataset, load_dataset
+from kdcache.ensemble import EnsembleRecord, ensemble_attrs, parse_teachers
+from kdcache.fidelity import check_store_tail_coverage
+from kdcache.losses import LOSSES, get_loss, loss_temperatures, resolve_hparams
+from kdcache.models import build_model, build_teacher, check_output_width
+from kdcache.replay import ViewedRows, already_batched, default_workers, resolve_device
+from kdcache.sampled import SampledLogits
+from kdcache.soft_labels import EpochOrder, SoftLabels, epoch_rng
+from kdcache.sparse import SparseLogits, check_temperatures
+from kdcache.stores.errors import SpecError, StoreError
+from kdcache.stores.logit_store import LogitStore
+from kdcache.views import get_view_policy, view_policy_from_record
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Source:
     policy: Any = None
     dataset_index: np.ndarray | None = None
     # an ensemble (--teacher a,b): every member's (name, attrs, soft labels); teacher_attrs then
-    # stands for the ensemble (pipeline.ensemble.ensemble_attrs) and soft is the first member's
+    # stands for the ensemble (kdcache.ensemble.ensemble_attrs) and soft is the first member's
     members: list[tuple[str, dict[str, Any], SoftLabels]] | None = None
     rank: int = 0  # DDP: this process's share of each epoch is rows[rank::world] of the order
     world: int = 1

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.corrections import apply_correction
-from pipeline.data import load_dataset
-from pipeline.teach import ViewedRows, load_teacher_for_store, resolve_device
-from pipeline.views import get_view_policy
-from stores.errors import CorruptionError, StoreError
-from stores.logit_store import LogitStore
+from kdcache.corrections import apply_correction
+from kdcache.data import load_dataset
+from kdcache.replay import ViewedRows, resolve_device
+from kdcache.stores.errors import CorruptionError, StoreError
+from kdcache.stores.logit_store import LogitStore
+from kdcache.teach import load_teacher_for_store
+from kdcache.views import get_view_policy
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torchvision
 import torchvision.transforms.v2.functional as F
 
-from stores.errors import SpecError
+from kdcache.stores.errors import SpecError
 
 UNIT = 65535  # rrc-flip box coordinates are stored in units of 1/UNIT of the image side
 

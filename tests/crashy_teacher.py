@@ -13,7 +13,7 @@ import os
 
 from torch import nn
 
-from pipeline.models import build_model
+from kdcache.models import build_model
 
 ARM_ENV = "KDCACHE_TEST_CRASH_ARM"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.models import build_model
+from kdcache.models import build_model
 
 
 class Scaled(nn.Module):

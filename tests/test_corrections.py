@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.corrections import CORRECTIONS, apply_correction
-from pipeline.sparse import SparseLogits
-from stores.errors import SpecError
+from kdcache.corrections import CORRECTIONS, apply_correction
+from kdcache.sparse import SparseLogits
+from kdcache.stores.errors import SpecError
 
 TEMPS = (1.0, 2.0, 4.0)
 FAST = settings(max_examples=40, deadline=None)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import load_dataset, parse_spec
-from stores.errors import SpecError
+from kdcache.data import load_dataset, parse_spec
+from kdcache.stores.errors import SpecError
 
 
 def _check_items(ds, shape, num_classes):

@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.models import build_model
-from pipeline.teach import TeachConfig, run_teach
-from pipeline.train import TrainConfig, open_source, run_train, validate
-from stores.errors import SpecError
-from stores.logit_store import LogitStore
+from kdcache.models import build_model
+from kdcache.stores.errors import SpecError
+from kdcache.stores.logit_store import LogitStore
+from kdcache.teach import TeachConfig, run_teach
+from kdcache.train import TrainConfig, open_source, run_train, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -49,7 +49,7 @@ def launch(store: Path, out: Path, epochs: int, *extra: str, agent: bool = True)
     """Two ranks of `kdcache train` on gloo: under torchrun (``agent``), or started directly with the
     environment torchrun gives its workers (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT; saves the
     agent's start-up)."""
-    cli = ["-m", "cli.main", "train", str(store), "--out", str(out), "--epochs", str(epochs),
+    cli = ["-m", "kdcache.cli", "train", str(store), "--out", str(out), "--epochs", str(epochs),
            "--student", ARGS["student"], "--teacher", ARGS["teacher"], "--loss", ARGS["loss"],
            "--batch-size", str(ARGS["batch_size"]), "--lr", str(ARGS["lr"]),
            "--max-steps-per-epoch", str(ARGS["max_steps_per_epoch"]), "--view-schedule", ARGS["view_schedule"],

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.demo import _slug, run_demo
-from stores.logit_store import LogitStore
+from kdcache.demo import _slug, run_demo
+from kdcache.stores.logit_store import LogitStore
 
 
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path: Path):

@@ -24,12 +24,12 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from cli.main import app
-from pipeline.distributed import job_key, parse_cluster, run_teach_distributed, start_local_cluster
-from pipeline.teach import TeachConfig, run_teach
-from stores.errors import SpecError
-from stores.lock import LOCK_NAME, StoreLockedError, read_lock
-from stores.logit_store import LogitStore
+from kdcache.cli.main import app
+from kdcache.distributed import job_key, parse_cluster, run_teach_distributed, start_local_cluster
+from kdcache.stores.errors import SpecError
+from kdcache.stores.lock import LOCK_NAME, StoreLockedError, read_lock
+from kdcache.stores.logit_store import LogitStore
+from kdcache.teach import TeachConfig, run_teach
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_driver_sigkill_then_rerun_resumes_to_the_same_store(tmp_path, scheduler
     args = ["teach", "digits", "--split", "test", "--teacher", TEACHER, "--k", "4", "--views", "4",
             "--view-policy", "crop-flip", "--shard-rows", "32", "--chunk-rows", "32", "--batch-size", "32"]  # 48 blocks
     killed = tmp_path / "killed.kdc"
-    cmd = [sys.executable, "-m", "cli.main", *args, "--out", str(killed), "--cluster", "local:2"]
+    cmd = [sys.executable, "-m", "kdcache.cli", *args, "--out", str(killed), "--cluster", "local:2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -212,7 +212,7 @@ def test_driver_sigkill_then_rerun_resumes_to_the_same_store(tmp_path, scheduler
 def lock_holder(tmp_path):
     """A live process on this host holding the lock of tmp_path/held.kdc (another driver)."""
     out = tmp_path / "held.kdc"
-    code = ("import sys, time; from stores.lock import DriverLock; DriverLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from kdcache.stores.lock import DriverLock; DriverLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(300)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -10,14 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
-from pipeline.ensemble import EnsembleRecord, common_temperatures, parse_teachers
-from pipeline.soft_labels import SoftLabels
-from pipeline.sparse import SparseLogits
-from pipeline.teach import TeachConfig, run_teach
-from pipeline.train import TrainConfig, open_source, run_train, teacher_record
-from stores.errors import SpecError
-from stores.logit_store import LogitStore
+from kdcache.cli.main import app
+from kdcache.ensemble import EnsembleRecord, common_temperatures, parse_teachers
+from kdcache.soft_labels import SoftLabels
+from kdcache.sparse import SparseLogits
+from kdcache.stores.errors import SpecError
+from kdcache.stores.logit_store import LogitStore
+from kdcache.teach import TeachConfig, run_teach
+from kdcache.train import TrainConfig, open_source, run_train, teacher_record
 
 runner = CliRunner()
 TEACHERS = ["torchvision:resnet18:none", "torchvision:mobilenet_v3_small:none"]

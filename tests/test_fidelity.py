@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from cli.main import app
-from pipeline.fidelity import (
+from kdcache.cli.main import app
+from kdcache.fidelity import (
     AUTO_SAMPLE_ROWS,
     PROBE_TEMPERATURES,
     TailCoverageWarning,
@@ -35,12 +35,12 @@ from pipeline.fidelity import (
     raw_record_bytes,
     roundtrip_record,
 )
-from pipeline.sparse import SparseLogits, kl_to_dense
-from stores.errors import SpecError
-from stores.logit_store import LogitStore
+from kdcache.sparse import SparseLogits, kl_to_dense
+from kdcache.stores.errors import SpecError
+from kdcache.stores.logit_store import LogitStore
 
 runner = CliRunner()
-TEACHER = "pipeline.models:small_cnn"  # random weights, 100-class head on mnist-pairs: fast on CPU
+TEACHER = "kdcache.models:small_cnn"  # random weights, 100-class head on mnist-pairs: fast on CPU
 NAME = "small_cnn"
 DATA = "mnist-pairs?n=300"
 
@@ -188,9 +188,10 @@ def test_bad_record_flags_are_one_line_exit_2(tmp_path, args, needle):
 # ------------------------------------------------------------------------------------------ store round trip
 def replay_dense(store: LogitStore, view: int = 0) -> torch.Tensor:
     """The store's teacher recomputed on its rows (float32 forward, as stage one), as float64."""
-    from pipeline.data import load_dataset
-    from pipeline.teach import ViewedRows, load_teacher_for_store
-    from pipeline.views import get_view_policy
+    from kdcache.data import load_dataset
+    from kdcache.replay import ViewedRows
+    from kdcache.teach import load_teacher_for_store
+    from kdcache.views import get_view_policy
 
     ident = store.attrs["identity"]
     ds = load_dataset(ident["dataset"], ident["split"])
@@ -294,7 +295,7 @@ def test_fixed_k_stores_measure_the_error_at_undeclared_temperatures(tmp_path):
     """A top-k store declared at T=1 records, from every block's first batch, the KL a loss at another T
     will read (uniform tail from the T=1 mass); with one block read in one batch that sample is the same
     rows `--k auto` measures on, so the two agree, and stage two's warning quotes the number."""
-    from pipeline.teach import TeachConfig, run_teach
+    from kdcache.teach import TeachConfig, run_teach
 
     common = dict(dataset=DATA, split="test", teachers=[TEACHER], temperatures=(1.0,), batch_size=512,
                   shard_rows=512, chunk_rows=512)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from stores.lock import LOCK_NAME, DriverLock, LockHolder, StoreLockedError, is_lock_file, read_lock
-from stores.logit_store import LogitStore
+from kdcache.cli.main import app
+from kdcache.stores.lock import LOCK_NAME, DriverLock, LockHolder, StoreLockedError, is_lock_file, read_lock
+from kdcache.stores.logit_store import LogitStore
 
 TEACHER = "torchvision:resnet18:none"
 runner = CliRunner()

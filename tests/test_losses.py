@@ -1,4 +1,4 @@
-"""pipeline.losses against independent float64 transcriptions of each paper's formula.
+"""kdcache.losses against independent float64 transcriptions of each paper's formula.
 
 The references below are written from the formulas in research/seed_methods.md and the official code.
 They share no code with pipeline/losses.py: plain float64 torch, explicit loops for swap, the NCKD
@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.losses import LOSSES, get_loss, loss_temperatures, resolve_hparams
-from pipeline.sparse import SparseLogits
-from stores.errors import SpecError
+from kdcache.losses import LOSSES, get_loss, loss_temperatures, resolve_hparams
+from kdcache.sparse import SparseLogits
+from kdcache.stores.errors import SpecError
 
 B, C = 16, 10
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import build_model, build_teacher, list_models, register_model, state_dict_sha256
-from stores.errors import SpecError
+from kdcache.models import build_model, build_teacher, list_models, register_model, state_dict_sha256
+from kdcache.stores.errors import SpecError
 
 CIFAR_NETS = ["resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2"]
 
@@ -88,9 +88,9 @@ def test_state_dict_round_trip(tmp_path):
 
 
 def test_factory_teacher():
-    model, prov = build_teacher("pipeline.models:small_cnn", 12, seed=2)
+    model, prov = build_teacher("kdcache.models:small_cnn", 12, seed=2)
     assert model(torch.randn(1, 3, 8, 8)).shape == (1, 12) and prov["weights"] == "factory"
-    assert prov["weights_sha256"] == build_teacher("pipeline.models:small_cnn", 12, seed=2)[1]["weights_sha256"]
+    assert prov["weights_sha256"] == build_teacher("kdcache.models:small_cnn", 12, seed=2)[1]["weights_sha256"]
     # **kwargs does not count as accepting num_classes: torchvision's resnet18() keeps its 1000 classes
     model, _ = build_teacher("torchvision.models:resnet18", 12)
     assert model.fc.out_features == 1000

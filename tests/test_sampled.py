@@ -15,13 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
-from pipeline.fidelity import gradient_error, record_error
-from pipeline.losses import kd
-from pipeline.sampled import SampledLogits, draw_uniforms
-from pipeline.sparse import SparseLogits
-from stores.errors import SpecError, StoreError
-from stores.logit_store import LogitStore
+from kdcache.cli.main import app
+from kdcache.fidelity import gradient_error, record_error
+from kdcache.losses import kd
+from kdcache.sampled import SampledLogits, draw_uniforms
+from kdcache.sparse import SparseLogits
+from kdcache.stores.errors import SpecError, StoreError
+from kdcache.stores.logit_store import LogitStore
 
 runner = CliRunner()
 N = 2000
@@ -151,7 +151,7 @@ def test_store_counts_validation(tmp_path):
 
 
 def test_sampled_through_the_cli_store_and_back(tmp_path):
-    args = ["mnist-pairs?n=200", "--split", "test", "--teacher", "pipeline.models:small_cnn", "--k", "sampled:8",
+    args = ["mnist-pairs?n=200", "--split", "test", "--teacher", "kdcache.models:small_cnn", "--k", "sampled:8",
             "--temperatures", "1,4", "--batch-size", "64", "--shard-rows", "100", "--chunk-rows", "50"]
     a, b = tmp_path / "a.kdc", tmp_path / "b.kdc"
     assert runner.invoke(app, ["teach", *args, "--out", str(a)]).exit_code == 0
@@ -176,5 +176,5 @@ def test_sampled_through_the_cli_store_and_back(tmp_path):
     t = __import__("json").loads(info.output)["teachers"]["small_cnn"]
     assert t["kl_by_temperature"] is None and set(t["grad_sq_error_by_temperature"]) == {"1.0", "4.0"}
     assert runner.invoke(app, ["inspect", str(a)]).exit_code == 0
-    res = runner.invoke(app, ["verify", str(a), "--teacher", "pipeline.models:small_cnn", "--samples", "16"])
+    res = runner.invoke(app, ["verify", str(a), "--teacher", "kdcache.models:small_cnn", "--samples", "16"])
     assert res.exit_code == 0, res.output

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.sparse import SparseLogits, check_temperatures, kl_to_dense
-from stores.errors import SpecError
+from kdcache.sparse import SparseLogits, check_temperatures, kl_to_dense
+from kdcache.stores.errors import SpecError
 
 TEMPS = (1.0, 4.0)
 FAST = settings(max_examples=40, deadline=None)

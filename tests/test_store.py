@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from stores import (
+from kdcache.stores import (
     CorruptionError,
     LogitStore,
     StoreError,
@@ -20,7 +20,7 @@ from stores import (
     encode_uint8,
     index_dtype,
 )
-from stores.format import block_checksum
+from kdcache.stores.format import block_checksum
 
 
 def _manifest(labels: np.ndarray) -> dict:

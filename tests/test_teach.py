@@ -17,9 +17,9 @@ import torchvision
 import zarr
 from typer.testing import CliRunner
 
-from cli.main import app
-from pipeline.verify import labelled_in_bf16, tolerance
-from stores.logit_store import LogitStore
+from kdcache.cli.main import app
+from kdcache.stores.logit_store import LogitStore
+from kdcache.verify import labelled_in_bf16, tolerance
 
 runner = CliRunner()
 TEACHER = "torchvision:resnet18:none"
@@ -134,7 +134,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     args = ["teach", "digits", "--teacher", TEACHER, "--k", "4", "--views", "3", "--view-policy", "crop-flip",
             "--shard-rows", "64", "--chunk-rows", "64", "--batch-size", "16"]
     killed = tmp_path / "killed.kdc"
-    cmd = [sys.executable, "-m", "cli.main", *args, "--out", str(killed)]
+    cmd = [sys.executable, "-m", "kdcache.cli", *args, "--out", str(killed)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_done(killed, 3, proc)
     os.kill(proc.pid, signal.SIGKILL)
@@ -262,8 +262,8 @@ def test_rrc_boxes_follow_each_images_aspect_ratio(tmp_path):
     fractions of a square (wide 20 x 80 and tall 80 x 20 images)."""
     from PIL import Image
 
-    from pipeline.teach import TeachConfig, run_teach
-    from pipeline.views import RRCFlip
+    from kdcache.teach import TeachConfig, run_teach
+    from kdcache.views import RRCFlip
 
     sizes = {"wide": (20, 80), "tall": (80, 20)}
     for cls, (h, w) in sizes.items():

@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
-from pipeline.corrections import apply_correction
-from pipeline.soft_labels import SoftLabels
-from pipeline.teach import TeachConfig, run_teach
-from pipeline.train import TrainConfig, run_train
-from stores.logit_store import LogitStore
+from kdcache.cli.main import app
+from kdcache.corrections import apply_correction
+from kdcache.soft_labels import SoftLabels
+from kdcache.stores.logit_store import LogitStore
+from kdcache.teach import TeachConfig, run_teach
+from kdcache.train import TrainConfig, run_train
 
 runner = CliRunner()
 TEACHER = "torchvision:resnet18:none"

@@ -8,8 +8,8 @@ import torchvision.transforms.v2.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.views import UNIT, RRCFlip, get_view_policy, view_policy_from_record
-from stores.errors import SpecError
+from kdcache.stores.errors import SpecError
+from kdcache.views import UNIT, RRCFlip, get_view_policy, view_policy_from_record
 
 POLICIES = [("identity", 1), ("crop-flip", 5), ("rrc-flip", 5)]
 
