@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python benchmarks/train.py --out benchmarks/train.json
 	$(BIN)/python benchmarks/fidelity.py --out benchmarks/fidelity.json
 	$(BIN)/python benchmarks/scaling.py --out benchmarks/scaling.json
+	$(BIN)/python benchmarks/loader.py --out benchmarks/loader.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,4 @@
-"""Record fidelity benchmark (DESIGN.md §7 "Fidelity"): bytes per record vs error, on a trained 100-class teacher.
+"""Record fidelity benchmark (docs/architecture.md): bytes per record vs error, on a trained 100-class teacher.
 
 1. Train a teacher: ``small_cnn`` (kdcache.models) on the ``mnist-pairs`` train split (40 000 pairs,
    100 classes), Adam, plain torch loop, seeded; report its top-1 on the 5 000-pair test split.

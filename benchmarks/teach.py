@@ -1,6 +1,6 @@
 """Stage-one benchmark: `kdcache teach` throughput against a bare teacher-forward loop, and bytes per record.
 
-Part 1 (DESIGN.md §7, "stage one overhead"): the same ``ViewedRows`` + ``make_loader`` (same blocks,
+Part 1 (docs/architecture.md, stage one overhead): the same ``ViewedRows`` + ``make_loader`` (same blocks,
 batches, workers, device, autocast, inference_mode, channels_last on CUDA) drive
 (a) a bare loop that only runs the teacher forward and discards the output, and
 (b) ``label_blocks`` (records, stats, writer thread, zarr writes; the writer's flush included).
@@ -10,7 +10,7 @@ repeats of teach rows/s / bare rows/s of the same pair. Targets: >= 0.90 on CPU,
 One extra teach pass under cProfile (not in the ratio) shows where stage one's time goes; the
 writer thread's work is timed separately (cProfile sees only the main thread).
 
-Part 2 (DESIGN.md §7, "storage"): bytes per (row, view) record at k for random-init torchvision
+Part 2 (docs/architecture.md, storage): bytes per (row, view) record at k for random-init torchvision
 resnet18 heads with 10, 100 and 1000 classes over the same mnist5k views, written through a real
 ``LogitStore`` on disk (float16 and uint8 value encodings), next to dense float32 (4 * C bytes) and
 the uncompressed record size. Random-init logits are not a trained teacher's; a trained 100-class
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import json
 import os
-import platform
 import pstats
 import shutil
 import statistics
@@ -37,9 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
+from machine import machine_info  # benchmarks/machine.py
 
-import kdcache.teach as teach_mod
 from kdcache.corrections import apply_correction
 from kdcache.models import build_teacher
 from kdcache.replay import BlockBatches, ViewedRows, default_workers, replay_loader
@@ -55,11 +54,14 @@ from kdcache.teach import (
     open_store_for,
     pending_blocks,
     prepare,
+    record_layout,
     record_to_numpy,
     sparse_record,
     stats_names,
     teacher_name,
 )
+
+teach_mod = importlib.import_module("kdcache.teach")  # the module (kdcache.teach is also the function)
 
 TARGETS = {"cpu": 0.90, "cuda": 0.95}
 # A pass ran uncontended when its CPU use (CPU s / wall s / cores) is at least QUIET x the highest
@@ -76,23 +78,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-        "device": str(device),
-        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def workers_for(job: Job) -> int:
@@ -349,7 +334,7 @@ def component_timers(job: Job, src: Source, stores: Stores) -> dict[str, Any]:
     for v, s in src.todo:
         recs, stats = zip(*blocks[(v, s)], strict=True)
         t0 = time.perf_counter()
-        record = record_to_numpy(SparseLogits.concat(list(recs)), t.dense)
+        record = record_to_numpy(SparseLogits.concat(list(recs)), t.layout)
         st = torch.stack(stats).sum(0).cpu().numpy()
         t1 = time.perf_counter()
         store.write_block(t.name, v, s, record, stats=st)
@@ -400,8 +385,7 @@ def bytes_per_record(job: Job, src: Source, stores: Stores, classes: list[int], 
         k = int(cfg.k)
         if not 1 <= k <= c:
             raise SystemExit(f"--k {k} does not fit a {c}-class head")
-        dense = k == c
-        layout = "dense" if dense else "topk"
+        _, layout = record_layout(k, c)  # topk, or dense when k == C
         for enc in encodings:
             job.cfg.out = str(stores.root / f"bytes-c{c}-{enc}.kdc")
             store = _base_store(job)
@@ -412,7 +396,7 @@ def bytes_per_record(job: Job, src: Source, stores: Stores, classes: list[int], 
                 a, b = store.shard_bounds(s)
                 z, y = by_view[v]
                 rec = SparseLogits.from_dense(z[a:b], y[a:b], k, temperatures=cfg.temperatures)
-                store.write_block(name, v, s, record_to_numpy(rec, dense))
+                store.write_block(name, v, s, record_to_numpy(rec, layout))
             records = store.num_views * store.num_rows
             prefix = f"{fmt.TEACHERS}/{name}"
             sizes = store.nbytes_stored()

@@ -6,18 +6,16 @@ import json
 import os
 import sys
 import tomllib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
+from kdcache.progress import rows_progress
 from kdcache.stores.errors import KdcacheError
 
 app = typer.Typer(
@@ -29,6 +27,21 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console(stderr=True)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from kdcache._version import __version__
+
+        typer.echo(f"kdcache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def app_options(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=show_version)] = False,
+) -> None:
+    """Options that come before the command (`kdcache --version`)."""
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -65,44 +78,12 @@ ConfigOption = Annotated[
 ]
 
 
-class RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} rows/s" if task.speed else "- rows/s", style="cyan")
-
-
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeRemainingColumn(), console=console, transient=False)
-
-
-@contextmanager
-def rows_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rows/s progress bar that appears only once work starts, so early errors stay one line."""
-    bar = progress_bar()
-    task = None
-
-    def report(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task(description, total=total)
-        bar.update(task, completed=done, total=total)
-
-    try:
-        yield report
-    except BaseException:
-        if task is not None:  # work had begun: clear the bar so the error still reads as one line
-            bar.live.transient = True
-        raise
-    finally:
-        if task is not None:
-            bar.stop()
-
-
 def parse_k(value: str) -> int | str:
-    if value in ("all", "auto") or value.startswith("sampled:"):
+    from kdcache.records import k_choices, names_layout  # lazy, like this module's other pipeline imports
+
+    if names_layout(value):
         return value  # sampled:S is checked (1 <= S <= 255) with the rest of the config
-    return _int(value, "--k", "an integer, 'all', 'auto' or 'sampled:S'")
+    return _int(value, "--k", k_choices())
 
 
 def parse_views(value: str) -> int | str:
@@ -130,7 +111,7 @@ def _int(value: str, flag: str, expected: str) -> int:
 @user_errors
 def teach(
     dataset: Annotated[str, typer.Argument(help="digits | mnist5k | mnist-pairs | torchvision:<Name>[?root=..&download=1] | imagefolder:PATH")],
-    teacher: Annotated[list[str], typer.Option("--teacher", "-t", help="torchvision:<arch>[:<WEIGHTS>|none], <arch>@state_dict.pt, or package.module:factory. Repeat for several teachers over the same views.")],
+    teacher: Annotated[list[str], typer.Option("--teacher", "-t", help="torchvision:<arch>[:<WEIGHTS>|none], timm:<name>[:pretrained] (pip install kdcache[timm]), <arch>@state_dict.pt, or package.module:factory. Repeat for several teachers over the same views.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Store: a directory path (created) or an fsspec URL (file://, s3://, gs://; memory:// in-process only).")],
     config: ConfigOption = None,
     split: Annotated[str, typer.Option(help="Dataset split to cache.")] = "train",
@@ -259,28 +240,17 @@ def verify(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
 ) -> None:
     """Check structure, done flags and per-shard checksums; with --teacher, replay and recompute."""
-    from kdcache.stores.errors import CorruptionError
-    from kdcache.stores.logit_store import LogitStore
-    from kdcache.verify import replay_check
+    from kdcache.verify import verify as verify_store
 
-    st = LogitStore.open(store)
-    problems = st.verify()
-    for p in problems:
+    report = verify_store(store, teacher=teacher, samples=samples, seed=seed, device=device)
+    for p in report.problems:
         typer.echo(f"problem: {p}", err=True)
-    if problems:
-        raise CorruptionError(f"{len(problems)} problem(s) in {store}; rerun `kdcache teach` with "
-                              "--overwrite (or delete the listed shards' done flags) to rewrite them")
-    for name in st.teachers:
-        done = st.done(name)
-        typer.echo(f"ok: teacher {name}: {int(done.sum())}/{done.size} blocks done, checksums match")
-    for spec in teacher or []:
-        rep = replay_check(st, spec, samples=samples, seed=seed, device=device)
+    for name, (done, total) in report.blocks_done.items():
+        typer.echo(f"ok: teacher {name}: {done}/{total} blocks done, checksums match")
+    for rep in report.replays:
         typer.echo(f"replay {rep.teacher}: {rep.samples} samples, max |dlogit| {rep.max_abs_diff:.2e}, "
                    f"top-1 agreement {100 * rep.top1_agreement:.1f}%")
-        if not rep.ok:
-            raise CorruptionError(f"the cache does not reproduce teacher '{rep.teacher}' (excess over "
-                                  f"tolerance {rep.max_excess:.2e}); was it cached with another teacher "
-                                  "or dataset? re-teach with --overwrite")
+    report.raise_for_problems()
 
 
 def parse_kv(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -297,7 +267,7 @@ def parse_kv(items: list[str] | None, flag: str) -> dict[str, str]:
 @user_errors
 def train(
     source: Annotated[str, typer.Argument(help="A store made by `kdcache teach`, or a dataset spec (then --loss ce, or --online-teacher).")],
-    student: Annotated[str, typer.Option(help="Student architecture: resnet8x4, resnet32x4, wrn_16_2, wrn_40_2 (and the other CIFAR ResNets/WRNs), small_cnn, tiny_cnn, tiny_cnn_nobn, any torchvision classification model name, or package.module:factory.")],
+    student: Annotated[str, typer.Option(help="Student architecture: resnet8x4, resnet32x4, wrn_16_2, wrn_40_2 (and the other CIFAR ResNets/WRNs), small_cnn, tiny_cnn, tiny_cnn_nobn, any torchvision classification model name, timm:<name>[:pretrained] (pip install kdcache[timm]), or package.module:factory; `kdcache list models` names them.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Run directory: metrics.parquet, checkpoint.pt, student.pt, config.json.")],
     config: ConfigOption = None,
     loss: Annotated[str, typer.Option(help="ce | kd | dkd | ttm | wttm | clkd | sld (defaults: the papers' CIFAR-100 settings).")] = "kd",
@@ -378,6 +348,104 @@ def demo(
     from kdcache.demo import run_demo
 
     run_demo(out=out, dataset=dataset, epochs=epochs, teacher_epochs=teacher_epochs, seed=seed, console=Console())
+
+
+LIST_KINDS = ("models", "losses", "datasets", "corrections", "policies")
+
+
+def first_doc_line(obj: Any) -> str:
+    """A registry entry's one-line description: the first line of its docstring."""
+    return ((getattr(obj, "__doc__", None) or "").strip().splitlines() or [""])[0].replace("``", "")
+
+
+def with_defaults(summary: str, defaults: Any) -> str:
+    """Append a registry entry's default arguments (what `--loss-arg` / `--loca-*` override)."""
+    if not defaults:
+        return summary
+    shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in defaults.items())
+    return f"{summary} Defaults: {shown}."
+
+
+def doc_bullets(doc: str) -> list[tuple[str, str]]:
+    """``- ``form``: text`` bullets of a module docstring (pipeline/data.py lists its spec forms so)."""
+    items: list[tuple[str, str]] = []
+    for line in doc.splitlines():
+        head = line.strip()
+        if head.startswith("- ``") and "``" in head[4:]:
+            form, _, text = head[4:].partition("``")
+            items.append((form, text.lstrip(": ")))
+        elif items and line.startswith("  ") and head:  # continuation of the bullet above
+            items[-1] = (items[-1][0], f"{items[-1][1]} {head}")
+        elif not head:
+            continue
+        elif items:
+            break
+    return [(form, text.replace("``", "")) for form, text in items]
+
+
+def catalog(kind: str, pattern: str = "*") -> list[tuple[str, str]]:
+    """(name, one-line summary) for everything a spec of this kind may name, filtered by a glob."""
+    import fnmatch
+
+    if kind == "models":  # list_model_specs matches timm names with and without their timm: prefix
+        from kdcache.models import list_model_specs
+
+        return [(name, "") for name in list_model_specs(pattern)]
+    return [(name, text) for name, text in _summaries(kind) if fnmatch.fnmatch(name, pattern)]
+
+
+def _summaries(kind: str) -> list[tuple[str, str]]:
+    if kind == "losses":
+        from kdcache.losses import LOSSES
+
+        return [(name, with_defaults(first_doc_line(spec.fn), spec.defaults)) for name, spec in LOSSES.items()]
+    if kind == "datasets":
+        import kdcache.data
+
+        return doc_bullets(kdcache.data.__doc__ or "")
+    if kind == "corrections":
+        from kdcache.corrections import CORRECTIONS
+
+        return [(name, with_defaults(first_doc_line(c.fn), c.defaults)) for name, c in CORRECTIONS.items()]
+    if kind == "policies":
+        from kdcache.views import VIEW_POLICIES
+
+        return [(name, first_doc_line(cls)) for name, cls in VIEW_POLICIES.items()]
+    raise KdcacheError(f"unknown kind '{kind}' for `kdcache list`; expected one of {', '.join(LIST_KINDS)}")
+
+
+def format_catalog(entries: list[tuple[str, str]], width: int = 80, name_width: int = 14) -> list[str]:
+    """Names in a column, summaries wrapped beside them; a long name puts its summary on the next line."""
+    import textwrap
+
+    lines: list[str] = []
+    indent = " " * (name_width + 2)
+    for name, summary in entries:
+        if not summary:
+            lines.append(name)
+            continue
+        wrapped = textwrap.wrap(summary, width - len(indent)) or [""]
+        if len(name) > name_width:
+            lines.append(name)
+            lines.extend(indent + part for part in wrapped)
+        else:
+            lines.append(f"{name:<{name_width}}  {wrapped[0]}")
+            lines.extend(indent + part for part in wrapped[1:])
+    return lines
+
+
+@app.command("list")
+@user_errors
+def list_names(
+    kind: Annotated[str, typer.Argument(help="models | losses | datasets | corrections | policies")],
+    pattern: Annotated[str, typer.Argument(help="Glob on the names, e.g. 'resnet*' (timm models match with or without timm:).")] = "*",
+) -> None:
+    """What a spec may name, one per line: models, losses, datasets, corrections or view policies."""
+    entries = catalog(kind, pattern)
+    if not entries:
+        raise KdcacheError(f"no {kind} match '{pattern}'; run `kdcache list {kind}` for all of them")
+    for line in format_catalog(entries):
+        typer.echo(line)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -1,3 +1,3 @@
-"""The package version (its own module so stage one can import it without the front door)."""
+"""The package version, in one place (pyproject.toml reads it; kdcache/__init__ re-exports it)."""
 
 __version__ = "0.1.0"

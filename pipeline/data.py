@@ -496,4 +496,156 @@ def load_dataset(spec: str, split: str = "train") -> ImageDataset:
         return _load_torchvision(spec, split_, name.partition(":")[2], args)
     if name.startswith("imagefolder:"):
         return _load_imagefolder(spec, split_, name.partition(":")[2], args)
+    if name.startswith("python:"):
+        raise SpecError(f"'{spec}' names a Python dataset object (as_image_dataset), which cannot be loaded "
+                        "from its name; pass the same object itself")
     raise SpecError(f"unknown dataset spec '{spec}'; expected one of {SPEC_FORMS}")
+
+
+# ---------------------------------------------------------------- the user's own map-style dataset
+
+FINGERPRINT_SAMPLE = 64  # images hashed between the first and the last (seeded), see UserDataset
+IMAGE_FORMS = "a PIL image or a uint8 (C, H, W) tensor with C = 1 or 3"
+
+
+class UserDataset(ImageDataset):
+    """A user's map-style dataset, ``obj[i] -> (image, int label)``, as an ImageDataset.
+
+    Images may be PIL images or uint8 (C, H, W) / (H, W) tensors (grey is repeated to RGB). The
+    fingerprint hashes the length, the labels and the bytes of a documented sample of images (the
+    first, the last and ``FINGERPRINT_SAMPLE`` seeded ones in between), so resuming over other data
+    is refused without decoding every image.
+    """
+
+    def __init__(self, obj, spec: str, split: str, labels, classes, image_size, sizes, mean, std):
+        super().__init__(spec, split, labels, [str(i) for i in range(len(labels))], classes, image_size, mean, std)
+        self._obj = obj
+        self._sizes = sizes  # (N, 2) when every item was decoded to read its label, else None
+
+    def image(self, i: int) -> torch.Tensor:
+        image = _user_image(self._obj[i], i)
+        if self.image_size is not None and tuple(image.shape[1:]) != self.image_size:
+            raise SpecError(f"dataset item {i}: the image is {tuple(image.shape[1:])} but the sampled items are "
+                            f"{self.image_size}; give every image the same size")
+        return image
+
+    def image_sizes(self) -> np.ndarray:
+        if self._sizes is None:
+            self._sizes = np.asarray([self.image(i).shape[1:] for i in range(len(self))], dtype=np.int64)
+        return self._sizes.reshape(-1, 2)
+
+    def fingerprint_indices(self) -> np.ndarray:
+        """The items whose bytes the fingerprint hashes: first, last and a seeded sample in between."""
+        n = len(self)
+        middle = np.arange(1, max(n - 1, 1))
+        middle = np.random.default_rng(0).choice(middle, size=min(FINGERPRINT_SAMPLE, len(middle)), replace=False)
+        return np.unique(np.concatenate([[0, n - 1], middle]).astype(np.int64))
+
+    def _hash(self, h) -> None:
+        h.update(f"python\0{len(self)}\0".encode())
+        for i in self.fingerprint_indices().tolist():
+            image = self.image(i)
+            h.update(f"{i}\0{tuple(image.shape)}\0".encode())
+            h.update(image.numpy().tobytes())
+
+
+def _user_item(item, i: int) -> tuple:
+    if not isinstance(item, tuple | list) or len(item) != 2:
+        raise SpecError(f"dataset item {i} is a {type(item).__name__}; expected an (image, label) pair "
+                        f"with the image {IMAGE_FORMS}")
+    return item
+
+
+def _user_image(item, i: int) -> torch.Tensor:
+    image = _user_item(item, i)[0]
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        return _pil_to_tensor(image)
+    if not isinstance(image, torch.Tensor):
+        raise SpecError(f"dataset item {i}: the image is a {type(image).__name__}; expected {IMAGE_FORMS}")
+    if image.dtype != torch.uint8:
+        raise SpecError(f"dataset item {i}: the image is a {image.dtype} tensor; expected {IMAGE_FORMS} "
+                        "(drop ToTensor/Normalize: kdcache applies the views and the normalisation itself)")
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise SpecError(f"dataset item {i}: the image has shape {tuple(image.shape)}; expected {IMAGE_FORMS}")
+    return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image.contiguous()
+
+
+def _user_label(item, i: int) -> int:
+    label = _user_item(item, i)[1]
+    if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
+        label = label.item()
+    if isinstance(label, bool) or not isinstance(label, int | np.integer) or label < 0:
+        raise SpecError(f"dataset item {i}: the label is {label!r}; expected an int class index >= 0")
+    return int(label)
+
+
+def _stats(value, default, what: str) -> tuple[float, ...]:
+    value = default if value is None else value
+    value = (value,) * 3 if isinstance(value, int | float) else tuple(value)
+    if len(value) == 1:
+        value = value * 3
+    if len(value) != 3:
+        raise SpecError(f"{what} must be one number or three (per RGB channel); got {value}")
+    return tuple(float(v) for v in value)
+
+
+def as_image_dataset(obj, num_classes: int | None = None, mean=None, std=None, name: str | None = None,
+                     split: str = "train") -> ImageDataset:
+    """Adapt a map-style dataset (``len(obj)``, ``obj[i] -> (image, int label)``) for stage one.
+
+    Labels come from a ``targets`` or ``labels`` attribute when it has one per item, else from decoding
+    every item once. ``image_size`` is the images' size when all equal (None when they vary).
+    ``mean``/``std`` default to ImageNet's; ``num_classes`` to ``len(obj.classes)`` or max label + 1.
+    The spec recorded in the store is ``python:<name or class name>``. Bad items raise a SpecError
+    naming the index."""
+    if isinstance(obj, ImageDataset):
+        return obj
+    try:
+        n = len(obj)
+    except TypeError:
+        raise SpecError(f"the dataset is a {type(obj).__name__} without len(); expected a map-style dataset "
+                        "(len(ds) and ds[i] -> (image, label)) or a dataset spec string") from None
+    if n < 1:
+        raise SpecError("the dataset is empty; expected at least one (image, label) item")
+    labels = next((getattr(obj, a) for a in ("targets", "labels") if _has_labels(obj, a, n)), None)
+    sizes = None
+    if labels is None:  # decode every item once: labels, and the sizes with them
+        labels, sizes = [], np.zeros((n, 2), dtype=np.int64)
+        for i in range(n):
+            item = obj[i]
+            labels.append(_user_label(item, i))
+            sizes[i] = _user_image(item, i).shape[1:]
+    else:
+        labels = [_user_label((None, label), i) for i, label in enumerate(labels)]
+    labels = np.asarray(labels, dtype=np.int64)
+    classes = [str(c) for c in (getattr(obj, "classes", None) if _has_labels(obj, "classes", None) else [])]
+    if num_classes is None:
+        num_classes = len(classes) or int(labels.max()) + 1
+    if int(labels.max()) >= num_classes:
+        raise SpecError(f"dataset item {int(labels.argmax())}: label {int(labels.max())} is not below num_classes="
+                        f"{num_classes}; pass the right num_classes")
+    if len(classes) != num_classes:
+        classes = [str(c) for c in range(num_classes)]
+    spec = f"python:{name or type(obj).__name__}"
+    ds = UserDataset(obj, spec, split, labels, classes, None, sizes, _stats(mean, IMAGENET_MEAN, "mean"),
+                     _stats(std, IMAGENET_STD, "std"))
+    seen = sizes if sizes is not None else np.asarray(
+        [ds.image(i).shape[1:] for i in ds.fingerprint_indices().tolist()], dtype=np.int64)
+    if (seen == seen[0]).all():
+        ds.image_size = (int(seen[0][0]), int(seen[0][1]))  # items are then checked against it as they load
+    return ds
+
+
+def _has_labels(obj, attr: str, n: int | None) -> bool:
+    """Whether ``obj.attr`` is a sequence (of ``n`` items when given)."""
+    value = getattr(obj, attr, None)
+    try:
+        return value is not None and not callable(value) and n in (None, len(value))
+    except TypeError:
+        return False

@@ -54,9 +54,9 @@ from kdcache.teach import (
 )
 
 # zarr's own concurrency inside a worker that already runs one task per process (zarr docs,
-# "Using Zarr with Dask"; research/engineering.md §1.3).
+# "Using Zarr with Dask": total concurrency ~ dask threads x zarr async.concurrency).
 WORKER_ZARR_CONFIG = {"async.concurrency": 4, "threading.max_workers": 4}
-# DataLoader workers inside tasks need non-daemonic dask worker processes (engineering.md §2).
+# DataLoader workers inside tasks need non-daemonic dask worker processes (docs/scaling.md).
 # dask's nanny also starts workers with MALLOC_TRIM_THRESHOLD_=65536, which pins glibc's mmap
 # threshold: every large torch allocation becomes an mmap/munmap pair, and CPU inference ran 1.8x
 # slower here (1.7 s -> 3.2 s, benchmarks/scaling.py workload). Unset it for the workers we start.

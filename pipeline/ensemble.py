@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kdcache.records import strictest
 from kdcache.stores.errors import SpecError
 
 
@@ -54,12 +55,11 @@ def common_temperatures(members: Sequence[Sequence[float]]) -> tuple[float, ...]
 def ensemble_attrs(names: Sequence[str], attrs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Teacher attrs standing for the ensemble where the trainer reads one teacher's attrs.
 
-    ``temperatures``: the common ones; ``layout``: dense when every member is dense, sampled when any
-    member is sampled (the strictest tail check), else topk; ``correction``: the members' stored
-    corrections when they agree, else ``mixed``.
+    ``temperatures``: the common ones; ``layout``: the members' strictest (``kdcache.records.strictest``:
+    dense when every member is dense, sampled when any member is sampled, else topk); ``correction``: the
+    members' stored corrections when they agree, else ``mixed``.
     """
-    layouts = {a["layout"] for a in attrs}
-    layout = "dense" if layouts == {"dense"} else "sampled" if "sampled" in layouts else "topk"
+    layout = strictest(a["layout"] for a in attrs).name
     corrections = {(a.get("correction") or {}).get("name", "none") for a in attrs}
     correction = {"name": corrections.pop(), "args": {}} if len(corrections) == 1 else {"name": "mixed", "args": {}}
     num_classes = {a["num_classes"] for a in attrs}

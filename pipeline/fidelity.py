@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdcache.records import APPROXIMATE, EXACT, UNDEFINED, get_layout, layout_for_k
 from kdcache.sampled import SampledLogits
 from kdcache.sparse import SparseLogits, check_temperatures, kl_to_dense
 from kdcache.stores.codecs import decode_values, encode_values, to_float16
@@ -171,7 +172,7 @@ def choose_k(
 
 def raw_record_bytes(num_classes: int, k: int, encoding: str, num_temperatures: int) -> int:
     """Uncompressed bytes of one stored record: the store's schema for k (dense when k == C)."""
-    layout = "dense" if k == num_classes else "topk"
+    _, layout = layout_for_k(k, num_classes)
     schema = teacher_schema(num_classes, k, encoding, layout, num_temperatures)
     return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in schema.values())
 
@@ -233,7 +234,7 @@ def record_error(dense_logits: Tensor, record: SparseLogits | SampledLogits, tem
 
 def error_metric(layout: str) -> str:
     """Name of the per-temperature error a store's teacher summary holds for this layout."""
-    return "grad_sq_error" if layout == "sampled" else "kl"
+    return get_layout(layout).error_metric
 
 
 # ------------------------------------------------------------------------------------ tail coverage
@@ -242,10 +243,11 @@ def _declared(t: float, temps: Sequence[float]) -> bool:
 
 
 def undeclared_probe_temperatures(layout: str, temps: Sequence[float]) -> tuple[float, ...]:
-    """The PROBE_TEMPERATURES a top-k store does not declare: stage one measures its record's KL there
-    on the first batch of every block, so stage two can say what a loss at such a T will read (dense
-    records are exact everywhere; sampled ones are undefined off their declared T)."""
-    if layout != "topk":
+    """The PROBE_TEMPERATURES a store does not declare, for layouts that only approximate an undeclared T
+    (top-k: ``Layout.undeclared_temperatures``): stage one measures its record's KL there on the first batch
+    of every block, so stage two can say what a loss at such a T will read (dense records are exact
+    everywhere; sampled ones are undefined off their declared T)."""
+    if get_layout(layout).undeclared_temperatures != APPROXIMATE:
         return ()
     return tuple(t for t in PROBE_TEMPERATURES if not _declared(t, temps))
 
@@ -264,17 +266,18 @@ def check_tail_coverage(
     ``TailCoverageWarning`` naming them and the error to expect (the KL measured at that T on the
     teach-time sample when ``measured_kl`` has it, e.g. teacher attrs ``fidelity.kl_at_other_temperatures``;
     else "uniform-tail reconstruction; error grows with T"), or raises SpecError when ``strict``.
-    ``layout`` 'dense' is exact at every T (never warns); 'sampled' cannot be estimated at an
-    undeclared T at all (always raises). Call it once, when the trainer starts.
+    By the layout's ``undeclared_temperatures``: exact ones (dense) never warn; undefined ones (sampled)
+    cannot be estimated at an undeclared T at all (always raise). Call it once, when the trainer starts.
     """
     temps = [float(t) for t in record_temperatures]
     missing = tuple(sorted({float(t) for t in needed if not _declared(float(t), temps)}))
-    if not missing or layout == "dense":
-        return () if layout == "dense" else missing
+    off_declared = get_layout(layout).undeclared_temperatures
+    if not missing or off_declared == EXACT:
+        return ()
     declared = ", ".join(f"{t:g}" for t in temps)
     fix = "re-teach with --temperatures including them"
-    if layout == "sampled":
-        raise SpecError(f"the loss reads the teacher at T={', '.join(f'{t:g}' for t in missing)} but a sampled "
+    if off_declared == UNDEFINED:
+        raise SpecError(f"the loss reads the teacher at T={', '.join(f'{t:g}' for t in missing)} but a {layout} "
                         f"record is only defined at its declared temperatures ({declared}); {fix}")
     measured = {float(t): float(v) for t, v in (measured_kl or {}).items()}
     parts = []

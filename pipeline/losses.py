@@ -13,7 +13,7 @@ at those temperatures, because the tail mass is exact only there.
 
 Each function follows the official code of its paper on dense inputs (tests/test_losses.py checks each
 one against an independent float64 transcription of the formula). Defaults are the papers' CIFAR-100
-settings (see research/seed_methods.md):
+settings (formulas and references: docs/methods.md):
 
 =====  ==========================================================================================
 ce     cross-entropy only (no teacher)
@@ -196,7 +196,7 @@ def clkd(
     """Class-aware Logit KD (Zhang, Liu, Hopcroft, He; arXiv 2211.14773). UNVERIFIED, no official code.
 
     The paper's body and code were not available. This follows the structure that two independent
-    third-party reimplementations share (research/seed_methods.md section 5), on raw logits without
+    third-party reimplementations share (docs/methods.md, "clkd"), on raw logits without
     softmax or temperature:
       L_ins = MSE(rownorm(Z_s), rownorm(Z_t))   each sample's logit vector L2-normalised; mean over B*C
       L_cla = MSE(colnorm(Z_s), colnorm(Z_t))   each class's column over the BATCH L2-normalised
@@ -293,7 +293,7 @@ LOSSES: dict[str, LossSpec] = {
     "ttm": _spec(ttm, lambda hp: (1.0 / hp["gamma"],), linear_in_teacher=True),
     "wttm": _spec(wttm, lambda hp: (1.0, 1.0 / hp["gamma"])),
     "clkd": _spec(clkd, lambda hp: (1.0,)),  # raw logits: the tail is reconstructed from its T=1 mass
-    # SLD's CIFAR-100 configs train ResNet/WRN/VGG8 students at LR 0.025 (research/seed_methods.md §2)
+    # SLD's CIFAR-100 configs train ResNet/WRN/VGG8 students at LR 0.025 (docs/methods.md, "sld")
     "sld": _spec(sld, lambda hp: tuple(float(t) for t in hp["temperatures"]), lr=0.025),
 }
 

@@ -11,6 +11,9 @@ Teacher specs (``build_teacher``):
   torchvision downloads unless cached; ``none`` = random weights seeded by ``seed``.
 - ``<arch>@path/to/state_dict.pt``: registered or torchvision arch, weights from a state dict
   (``torch.load(weights_only=True)``; a checkpoint dict holding it under "model"/"state_dict" works).
+- ``timm:<name>[:pretrained]`` (the ``timm`` extra, teachers and students alike): ``timm.create_model``
+  with ``num_classes``; random seeded weights, or with ``:pretrained`` timm's own download (Hugging Face
+  hub). Offline, use ``timm:<name>@path/to/state_dict.pt``.
 - ``package.module:factory``: ``factory(num_classes=...)`` when it has a ``num_classes`` parameter,
   else ``factory()``; must return an nn.Module (its output width is the caller's to check).
 """
@@ -21,6 +24,7 @@ import difflib
 import fnmatch
 import hashlib
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 from functools import partial
@@ -33,8 +37,14 @@ from torch import nn
 from kdcache.cifar_nets import CIFAR_RESNETS, WIDE_RESNETS, CifarResNet, WideResNet
 from kdcache.stores.errors import SpecError
 
-TEACHER_FORMS = ("torchvision:<arch>[:<WEIGHTS>|none], <arch>@path/to/state_dict.pt, "
+TEACHER_FORMS = ("torchvision:<arch>[:<WEIGHTS>|none], timm:<name>[:pretrained], <arch>@path/to/state_dict.pt, "
                  "package.module:factory")
+TIMM_PREFIX = "timm:"
+
+
+class WeightsDownloadError(SpecError):
+    """Pretrained weights could not be fetched (no network, no cached copy)."""
+
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -61,6 +71,16 @@ def list_models(pattern: str = "*", torchvision_models: bool = False) -> list[st
 
 def _torchvision_archs() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)  # classification only
+
+
+def list_model_specs(pattern: str = "*") -> list[str]:
+    """Every model name a spec may use: registered nets, torchvision classification architectures, then
+    ``timm:<name>`` when timm is installed. ``pattern`` (a glob) matches the name with or without ``timm:``."""
+    groups = [list_models(), sorted(_torchvision_archs())]
+    if importlib.util.find_spec("timm") is not None:
+        groups.append([TIMM_PREFIX + name for name in _import_timm("timm:*").list_models()])
+    return [spec for group in groups for spec in group
+            if fnmatch.fnmatch(spec, pattern) or fnmatch.fnmatch(spec.removeprefix(TIMM_PREFIX), pattern)]
 
 
 for _name, (_depth, _widths) in CIFAR_RESNETS.items():
@@ -135,8 +155,54 @@ def _torchvision_kwargs(name: str) -> dict:
     return {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
 
 
+def _import_timm(spec: str):
+    """timm is an optional extra: import it only for a ``timm:`` spec."""
+    try:
+        import timm
+    except ImportError:
+        raise SpecError(f"{spec} needs `pip install kdcache[timm]`") from None
+    return timm
+
+
+def _parse_timm_spec(spec: str) -> tuple[str, bool]:
+    """``timm:<name>[:pretrained]`` -> (name, pretrained), with the name checked against timm's registry."""
+    name, _, weights = spec.removeprefix(TIMM_PREFIX).partition(":")
+    if weights not in ("", "pretrained"):
+        raise SpecError(f"bad timm spec '{spec}': the only weights option is ':pretrained'; "
+                        "expected timm:<name>[:pretrained]")
+    timm = _import_timm(spec)
+    if not name or not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(TIMM_PREFIX + c for c in close)}?)" if close else ""
+        raise SpecError(f"unknown timm model '{name}'{hint}; `kdcache list models 'timm:*'` lists them")
+    return name, bool(weights)
+
+
+def _timm_model(spec: str, num_classes: int, seed: int, **kwargs) -> tuple[nn.Module, str]:
+    """(model, weights label): seeded random init, or timm's own pretrained download."""
+    name, pretrained = _parse_timm_spec(spec)
+    timm = _import_timm(spec)
+    if not pretrained:
+        return _seeded(seed, lambda: timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                                       **kwargs)), "none"
+    if not (timm.list_pretrained(name) or timm.list_pretrained(f"{name}.*")):
+        raise SpecError(f"timm model '{name}' has no pretrained weights; use timm:{name} (random init) "
+                        f"or timm:{name}@path/to/state_dict.pt")
+    try:  # the seed fixes the new classifier head when num_classes differs from the checkpoint's
+        model = _seeded(seed, lambda: timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs))
+    except (OSError, RuntimeError) as err:  # Hugging Face hub errors and URLError are OSErrors
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:200]
+        raise WeightsDownloadError(f"could not download pretrained weights for timm:{name} ({reason}); the "
+                                   f"weights need a network (or the Hugging Face cache) or a local checkpoint: "
+                                   f"timm:{name}@path/to/state_dict.pt") from None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return model, f"timm:{cfg.get('hf_hub_id') or cfg.get('url') or 'pretrained'}"
+
+
 def build_model(name: str, num_classes: int, seed: int = 0, **kwargs) -> nn.Module:
     """A freshly initialised model, identical for identical (name, num_classes, seed, kwargs)."""
+    if name.startswith(TIMM_PREFIX):
+        return _timm_model(name, num_classes, seed, **kwargs)[0]
     if name in _MODELS:
         return _seeded(seed, lambda: _MODELS[name](num_classes=num_classes, **kwargs))
     if name in _torchvision_archs():
@@ -258,6 +324,9 @@ def build_teacher(spec: str, num_classes: int, seed: int = 0) -> tuple[nn.Module
         return _torchvision_teacher(spec, spec.partition(":")[2], num_classes, seed)
     if "@" in spec:
         return _checkpoint_teacher(spec, num_classes, seed)
+    if spec.startswith(TIMM_PREFIX):
+        model, weights = _timm_model(spec, num_classes, seed)
+        return _finish(model, spec, weights, seed)
     if ":" in spec:
         return _factory_teacher(spec, num_classes, seed)
     raise SpecError(f"unknown teacher spec '{spec}'; expected one of: {TEACHER_FORMS}")

@@ -2,11 +2,19 @@
 
 Two modes, one interface (``order(epoch)`` then ``batches(order, batch_size)``):
 
-* **preload** — every view of the teacher's arrays is read once into RAM; a batch is a numpy
-  fancy-index (millions of rows/s). The epoch order is a full random permutation.
-* **stream** — for stores larger than RAM: chunk order is shuffled, ``buffer_chunks`` chunks are
-  read at once (whole chunks, one zarr call each, on a background thread), rows are permuted
-  inside the buffer, and the image loader is driven in that same order (engineering.md §3).
+* **preload** — every view of the teacher's arrays is read once into RAM, as one (views x rows)
+  array per field; a batch is one ``np.take`` of flat (view, row) indices (millions of rows/s). The
+  epoch order is a full random permutation.
+* **stream** — for stores larger than RAM. Each epoch the chunk ids, rotated by a random offset,
+  form a ring; rank r takes the r-th of ``world`` arcs, cut into buffers of ``buffer_chunks``
+  consecutive chunks, served in random order with rows permuted inside each buffer. Stage one stores
+  rows in a seeded permutation of the dataset (pipeline/teach.py), so consecutive chunks are a random
+  sample and the batches are class-mixed. Consecutive chunks are read with one zarr call per field
+  (zarr's per-call cost, about 1 ms, dominates a chunk's read: one call per buffer is the fastest
+  order found, benchmarks/RESULTS.md "Loader"). A reader thread hands each buffer over in
+  chunk-sized pieces as soon as it is read and reads the next one meanwhile; it holds about one
+  buffer and a few pieces, so memory does not grow with the store. The image loader is driven in
+  the same order.
 
 The view of each row in an epoch is ``cycle`` (epoch e reads view (e-1) mod V, so an epoch touches
 one view's chunks) or ``random`` (per row when preloaded, per chunk when streamed).
@@ -24,6 +32,11 @@ import numpy as np
 from kdcache.stores.errors import SpecError
 from kdcache.stores.logit_store import LogitStore
 
+Record = dict[str, np.ndarray]  # field -> (rows, ...) decoded arrays, as LogitStore.read_block returns
+# Pieces (a chunk's rows each) the reader may queue: it reads the next buffer while the consumer eats
+# the last few pieces of this one, and holds about one buffer plus these, whatever the store's size.
+PIECES_AHEAD = 4
+
 
 @dataclass
 class EpochOrder:
@@ -39,11 +52,16 @@ class EpochOrder:
 
 @dataclass
 class Buffer:
-    """Stream mode: whole chunks read together, then permuted (rows = concat(chunk ranges)[perm])."""
+    """Stream mode: whole chunks read together; positions [start, stop) of the order permute their rows.
+
+    ``chunks`` are sorted (so consecutive ones are read with one zarr call) and ``views[i]`` is the
+    view read for ``chunks[i]``.
+    """
 
     chunks: np.ndarray
     views: np.ndarray
-    perm: np.ndarray
+    start: int
+    stop: int
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -61,6 +79,10 @@ class SoftLabels:
             raise SpecError(f"--view-schedule must be cycle or random; got '{view_schedule}'")
         if preload not in ("auto", "yes", "no"):
             raise SpecError(f"--preload must be auto, yes or no; got '{preload}'")
+        if isinstance(buffer_chunks, bool) or not isinstance(buffer_chunks, int) or buffer_chunks < 1:
+            raise SpecError(f"buffer_chunks must be an integer >= 1; got {buffer_chunks!r}")
+        if not 0 <= rank < world:
+            raise SpecError(f"rank must be in 0..{world - 1} for world {world}; got {rank}")
         self.store = store
         self.teacher = teacher
         self.seed = seed
@@ -69,6 +91,7 @@ class SoftLabels:
         self.rank, self.world = rank, world
         self.num_rows, self.num_views = store.num_rows, store.num_views
         self.chunk = store.chunk_rows
+        self.num_chunks = -(-self.num_rows // self.chunk)
         if preload == "auto":
             preload = "yes" if self.nbytes_decoded() <= ram_budget_bytes else "no"
         self.preloaded = self._preload() if preload == "yes" else None
@@ -80,53 +103,127 @@ class SoftLabels:
         per_row = attrs["k"] * slot + 4 + 4 * len(attrs["temperatures"])
         return per_row * self.num_rows * self.num_views
 
-    def _preload(self) -> dict[str, np.ndarray]:
-        views = [self.store.read_view(self.teacher, v) for v in range(self.num_views)]
-        return {key: np.stack([v[key] for v in views]) for key in views[0]}
+    def _preload(self) -> Record:
+        """Every view in RAM as (views * rows, ...) arrays: record (v, r) is at flat index v * rows + r."""
+        flat: Record = {}
+        n = self.num_rows
+        for v in range(self.num_views):
+            view = self.store.read_view(self.teacher, v)
+            for key, arr in view.items():
+                if key not in flat:
+                    flat[key] = np.empty((self.num_views * n, *arr.shape[1:]), dtype=arr.dtype)
+                flat[key][v * n : (v + 1) * n] = arr
+        return flat
+
+    # ------------------------------------------------------------------ the epoch order
+
+    def _rank_chunks(self, epoch: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+        """Stream mode: this rank's chunks and their views, and the rng that then orders its buffers.
+
+        The chunk ids, rotated by a random offset, form a ring; rank r takes the r-th of ``world``
+        equal arcs. An arc is consecutive chunks (wrapping once at most), so buffers of it are read
+        with one zarr call each, and the offset moves every buffer's boundaries from epoch to epoch.
+        """
+        rng = epoch_rng(self.seed, epoch)
+        ring = (np.arange(self.num_chunks) + rng.integers(self.num_chunks)) % self.num_chunks
+        views = self._views(rng, self.num_chunks, epoch)
+        a, b = self._arc(self.rank)
+        return rng, ring[a:b], views[a:b]
+
+    def _arc(self, rank: int) -> tuple[int, int]:
+        """Positions [a, b) of the ring that ``rank`` takes: arcs differ by one chunk at most."""
+        return rank * self.num_chunks // self.world, (rank + 1) * self.num_chunks // self.world
+
+    def _chunk_sizes(self, chunks: np.ndarray) -> np.ndarray:
+        """Rows of each chunk (only the store's last chunk may be short)."""
+        return np.minimum(self.chunk, self.num_rows - chunks * self.chunk)
 
     def order(self, epoch: int) -> EpochOrder:
-        """This rank's (rows, views) for the epoch; ranks take disjoint shares of the chunk order."""
-        rng = epoch_rng(self.seed, epoch)
+        """This rank's (rows, views) for the epoch; ranks take disjoint shares that cover the epoch."""
         if self.preloaded is not None:
             # views are drawn for the whole order, then sharded: rank r's rows and views are positions
             # r, r + world, ... of the single-process order (so DDP replays the same (view, row) pairs)
+            rng = epoch_rng(self.seed, epoch)
             rows = rng.permutation(self.num_rows)
             views = self._views(rng, len(rows), epoch)
             return EpochOrder(rows[self.rank :: self.world], views[self.rank :: self.world])
-        num_chunks = -(-self.num_rows // self.chunk)
-        chunks = rng.permutation(num_chunks)
-        chunk_views = self._views(rng, len(chunks), epoch)[self.rank :: self.world]
-        chunks = chunks[self.rank :: self.world]
-        rows, views, buffers = [], [], []
-        for b in range(0, len(chunks), self.buffer_chunks):
-            group, group_views = chunks[b : b + self.buffer_chunks], chunk_views[b : b + self.buffer_chunks]
-            ranges = [np.arange(c * self.chunk, min((c + 1) * self.chunk, self.num_rows)) for c in group]
-            r = np.concatenate(ranges)
-            v = np.concatenate([np.full(len(rg), cv) for rg, cv in zip(ranges, group_views, strict=True)])
-            perm = rng.permutation(len(r))
-            rows.append(r[perm])
-            views.append(v[perm])
-            buffers.append(Buffer(group, group_views, perm))
-        return EpochOrder(np.concatenate(rows), np.concatenate(views), buffers)
+        rng, chunks, chunk_views = self._rank_chunks(epoch)
+        total = int(self._chunk_sizes(chunks).sum())
+        rows, views = np.empty(total, dtype=np.int64), np.empty(total, dtype=np.int64)
+        starts = np.arange(0, len(chunks), self.buffer_chunks)
+        buffers, at = [], 0
+        for b in rng.permutation(starts):  # buffers in random order, rows permuted inside each
+            group = chunks[b : b + self.buffer_chunks]
+            by_chunk = np.argsort(group)
+            group, group_views = group[by_chunk], chunk_views[b : b + self.buffer_chunks][by_chunk]
+            sizes = self._chunk_sizes(group)
+            # the buffer's rows in chunk order: chunk ids repeated, plus the offset inside each chunk
+            offsets = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            buffer_rows = np.repeat(group * self.chunk, sizes) + offsets
+            perm = rng.permutation(len(buffer_rows))
+            stop = at + len(perm)
+            rows[at:stop] = buffer_rows[perm]
+            views[at:stop] = np.repeat(group_views, sizes)[perm]
+            buffers.append(Buffer(group, group_views, at, stop))
+            at = stop
+        return EpochOrder(rows, views, buffers)
+
+    def share_rows(self, epoch: int) -> list[int]:
+        """Rows in each rank's share of the epoch (``len(order(epoch))`` of ranks 0..world-1), without
+        building the orders: DDP runs the same number of steps on every rank."""
+        if self.preloaded is not None:
+            return [len(range(r, self.num_rows, self.world)) for r in range(self.world)]
+        ring = (np.arange(self.num_chunks) + epoch_rng(self.seed, epoch).integers(self.num_chunks)) % self.num_chunks
+        sizes = self._chunk_sizes(ring)  # the first draw of _rank_chunks
+        return [int(sizes[slice(*self._arc(r))].sum()) for r in range(self.world)]
 
     def _views(self, rng: np.random.Generator, n: int, epoch: int) -> np.ndarray:
         if self.view_schedule == "cycle":
             return np.full(n, (epoch - 1) % self.num_views, dtype=np.int64)
         return rng.integers(0, self.num_views, size=n)
 
-    def batches(self, order: EpochOrder, batch_size: int, drop_last: bool = True) -> Iterator[dict[str, np.ndarray]]:
-        """Records for consecutive ``batch_size`` slices of the order (same slices as the image loader)."""
-        n = len(order) - (len(order) % batch_size if drop_last and len(order) >= batch_size else 0)
-        if self.preloaded is not None:
-            for a in range(0, n, batch_size):
-                rows, views = order.rows[a : a + batch_size], order.views[a : a + batch_size]
-                yield {key: arr[views, rows] for key, arr in self.preloaded.items()}
-            return
-        yield from _slices(self._stream_buffers(order), n, batch_size)
+    # ------------------------------------------------------------------ serving
 
-    def _stream_buffers(self, order: EpochOrder) -> Iterator[dict[str, np.ndarray]]:
-        """Each buffer's records in epoch order, read ahead on a thread."""
-        out: queue.Queue = queue.Queue(maxsize=2)
+    def batches(self, order: EpochOrder, batch_size: int, drop_last: bool = True,
+                skip: int = 0) -> Iterator[Record]:
+        """Records for consecutive ``batch_size`` slices of the order (the image loader's slices).
+
+        ``drop_last`` serves full batches only (one short batch when the order is smaller than a
+        batch); ``skip`` leaves out the first ``skip`` batches (a mid-epoch resume), and the stream
+        does not read buffers that lie wholly inside them.
+        """
+        if batch_size < 1 or skip < 0:
+            raise SpecError(f"batch_size must be >= 1 and skip >= 0; got {batch_size} and {skip}")
+        n = len(order) - (len(order) % batch_size if drop_last and len(order) >= batch_size else 0)
+        first = skip * batch_size
+        if first >= n:
+            return
+        if self.preloaded is not None:
+            yield from self._preloaded_batches(order, first, n, batch_size)
+            return
+        yield from _cut(self._stream_pieces(order, first, n), n - first, batch_size)
+
+    def _preloaded_batches(self, order: EpochOrder, first: int, n: int, batch_size: int) -> Iterator[Record]:
+        # one 1-D np.take of flat (view, row) indices: 1.7-2.3x faster than arr[views, rows], and faster
+        # than gathering per view (benchmarks/RESULTS.md, "Loader")
+        for a in range(first, n, batch_size):
+            flat = order.views[a : a + batch_size] * self.num_rows + order.rows[a : a + batch_size]
+            yield {key: np.take(arr, flat, axis=0) for key, arr in self.preloaded.items()}
+
+    def _read_buffer(self, buf: Buffer) -> Record:
+        """A buffer's records in chunk order: one read_block per run of consecutive chunks of one view."""
+        breaks = np.flatnonzero((np.diff(buf.chunks) != 1) | (np.diff(buf.views) != 0)) + 1
+        blocks = []
+        for run, run_views in zip(np.split(buf.chunks, breaks), np.split(buf.views, breaks), strict=True):
+            start, stop = int(run[0]) * self.chunk, min((int(run[-1]) + 1) * self.chunk, self.num_rows)
+            blocks.append(self.store.read_block(self.teacher, int(run_views[0]), start, stop))
+        if len(blocks) == 1:
+            return blocks[0]
+        return {key: np.concatenate([blk[key] for blk in blocks]) for key in blocks[0]}
+
+    def _stream_pieces(self, order: EpochOrder, first: int, n: int) -> Iterator[Record]:
+        """Records of order positions [first, n) in chunk-sized pieces, read ahead on a thread."""
+        out: queue.Queue = queue.Queue(maxsize=PIECES_AHEAD)
         stop = threading.Event()  # set when the consumer stops early (max steps, an error): the reader exits
 
         def put(item) -> bool:
@@ -143,13 +240,17 @@ class SoftLabels:
                 for buf in order.buffers:
                     if stop.is_set():
                         return
-                    blocks = [
-                        self.store.read_block(self.teacher, int(v), int(c * self.chunk),
-                                              int(min((c + 1) * self.chunk, self.num_rows)))
-                        for c, v in zip(buf.chunks, buf.views, strict=True)
-                    ]
-                    if not put({key: np.concatenate([blk[key] for blk in blocks])[buf.perm] for key in blocks[0]}):
-                        return
+                    if buf.stop <= first:  # wholly inside the skipped batches: never read
+                        continue
+                    if buf.start >= n:  # only rows that drop_last leaves out
+                        break
+                    record = self._read_buffer(buf)
+                    local = self._positions_in_buffer(order.rows[max(first, buf.start) : min(n, buf.stop)], buf)
+                    for a in range(0, len(local), self.chunk):
+                        if not put({key: np.take(arr, local[a : a + self.chunk], axis=0)
+                                    for key, arr in record.items()}):
+                            return
+                    del record
                 put(None)
             except BaseException as err:  # surfaced in the training loop
                 put(err)
@@ -164,21 +265,36 @@ class SoftLabels:
         finally:
             stop.set()
 
+    def _positions_in_buffer(self, rows: np.ndarray, buf: Buffer) -> np.ndarray:
+        """Where each of ``rows`` lies in the buffer's records as read (chunks in sorted order, each
+        full-size but the store's last, which sorts last)."""
+        if buf.chunks[-1] - buf.chunks[0] == len(buf.chunks) - 1:  # one run of chunks: a plain offset
+            return rows - int(buf.chunks[0]) * self.chunk
+        chunk = rows // self.chunk
+        return np.searchsorted(buf.chunks, chunk) * self.chunk + (rows - chunk * self.chunk)
 
-def _slices(buffers: Iterator[dict[str, np.ndarray]], n: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Cut a stream of variable-size buffers into consecutive batches of ``batch_size`` rows."""
-    pending: list[dict[str, np.ndarray]] = []
-    have, emitted = 0, 0
-    for buf in buffers:
-        pending.append(buf)
-        have += len(next(iter(buf.values())))
-        while have >= batch_size and emitted < n:
-            joined = {key: np.concatenate([p[key] for p in pending]) for key in pending[0]}
-            yield {key: arr[:batch_size] for key, arr in joined.items()}
-            emitted += batch_size
-            rest = {key: arr[batch_size:] for key, arr in joined.items()}
-            have -= batch_size
-            pending = [rest] if have else []
-    if have and emitted < n:
-        joined = {key: np.concatenate([p[key] for p in pending]) for key in pending[0]}
-        yield {key: arr[: n - emitted] for key, arr in joined.items()}
+
+def _cut(pieces: Iterator[Record], total: int, batch_size: int) -> Iterator[Record]:
+    """Consecutive ``batch_size``-row batches (the last one shorter) of the first ``total`` rows of a
+    stream of pieces. A cursor walks each piece: a batch inside one piece is a view of it, only a batch
+    that straddles pieces is copied."""
+    parts: list[Record] = []  # the pending batch's leading parts, from earlier pieces
+    have = served = 0
+    for piece in pieces:
+        size, at = len(next(iter(piece.values()))), 0
+        while at < size and served < total:
+            want = min(batch_size, total - served) - have
+            take = min(want, size - at)
+            part = {key: arr[at : at + take] for key, arr in piece.items()}
+            at += take
+            if take < want:  # the batch continues in the next piece
+                parts.append(part)
+                have += take
+                continue
+            if parts:
+                part = {key: np.concatenate([p[key] for p in parts] + [part[key]]) for key in part}
+                parts, have = [], 0
+            served += len(next(iter(part.values())))
+            yield part
+        if served >= total:
+            return

@@ -199,6 +199,10 @@ class SparseLogits:
         """(B, C) log-probabilities of the reconstruction at temperature T."""
         return torch.log_softmax(self.scaled_logits(temperature), dim=1)
 
+    def probs(self, temperature: float = 1.0) -> Tensor:
+        """(B, C) probabilities of the reconstruction at temperature T (rows sum to 1)."""
+        return torch.softmax(self.scaled_logits(temperature), dim=1)
+
     def logits(self) -> Tensor:
         """(B, C) reconstructed raw logits (exact when k == num_classes)."""
         return self.scaled_logits(1.0)

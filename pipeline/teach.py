@@ -10,11 +10,13 @@ its ``done`` flag is set last, so a killed run leaves only unfinished blocks, wh
 from __future__ import annotations
 
 import contextlib
+import difflib
+import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,7 @@ import torchvision
 
 from kdcache._version import __version__
 from kdcache.corrections import apply_correction, get_correction
-from kdcache.data import ImageDataset, load_dataset
+from kdcache.data import ImageDataset, as_image_dataset, load_dataset
 from kdcache.fidelity import (
     AUTO_SAMPLE_ROWS,
     DEFAULT_MAX_KL,
@@ -33,7 +35,9 @@ from kdcache.fidelity import (
     record_error,
     undeclared_probe_temperatures,
 )
-from kdcache.models import build_teacher, check_output_width
+from kdcache.models import build_teacher, check_output_width, state_dict_sha256
+from kdcache.progress import rows_progress
+from kdcache.records import AUTO, get_layout, layout_for_k
 from kdcache.replay import BlockBatches, ViewedRows, default_workers, replay_loader, resolve_device
 from kdcache.sampled import SampledLogits, default_proposal_temperature, parse_samples
 from kdcache.sparse import SparseLogits, check_temperatures
@@ -45,27 +49,44 @@ from kdcache.views import get_view_policy
 DEFAULT_TEMPERATURES = (1.0, 4.0)
 
 
+STORE, TEACHER = "store", "teacher"  # where an identity field is recorded: the store's attrs, each teacher's
+
+
+def identity(kind: str, default: Any = MISSING, *, default_factory: Any = MISSING,
+             value: Callable[[Any], Any] | None = None, when: Callable[[Any], bool] | None = None) -> Any:
+    """A config field a resumed run must keep (``kind``: STORE or TEACHER). ``value(cfg)`` is what is
+    recorded (default: the field itself), ``when(cfg)`` limits it to the configs it matters to."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"identity": kind, "value": value, "when": when})
+
+
 @dataclass
 class TeachConfig:
-    """Everything that defines a store. Two runs with equal configs write identical stores."""
+    """Everything that defines a store. Two runs with equal configs write identical stores.
 
-    dataset: str
+    Fields made with ``identity(...)`` are recorded in the store and compared on resume, in field order
+    (the order of the attrs existing stores hold: keep it)."""
+
+    dataset: str = identity(STORE)
     teachers: list[str]
     out: str
-    split: str = "train"
-    k: int | str = 10  # N, "all", "auto" (smallest k within max_kl at every T) or "sampled:S"
-    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
-    max_kl: float = DEFAULT_MAX_KL  # --k auto: budget on mean KL(dense || record) at each declared T
-    proposal_temperature: float | None = None  # --k sampled:S: declared T of the proposal (default: largest)
-    encoding: str = "float16"
-    views: int | str = 1
-    view_policy: str = "identity"
-    image_size: int | None = None
-    correction: str = "none"
-    correction_args: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    shard_rows: int = 65536
-    chunk_rows: int = 8192
+    split: str = identity(STORE, "train")
+    k: int | str = identity(TEACHER, 10)  # N, "all", "auto" (smallest k within max_kl at every T) or "sampled:S"
+    encoding: str = identity(TEACHER, "float16")
+    temperatures: tuple[float, ...] = identity(TEACHER, DEFAULT_TEMPERATURES, value=lambda c: list(c.temperatures))
+    correction: str = identity(TEACHER, "none")
+    correction_args: dict[str, Any] = identity(TEACHER, default_factory=dict,
+                                               value=lambda c: c.resolved_correction_args())
+    # --k auto: budget on mean KL(dense || record) at each declared T
+    max_kl: float = identity(TEACHER, DEFAULT_MAX_KL, when=lambda c: c.k == "auto")
+    # --k sampled:S: declared T of the proposal (default: largest)
+    proposal_temperature: float | None = identity(TEACHER, None, when=lambda c: is_sampled(c.k))
+    views: int | str = identity(STORE, 1)
+    view_policy: str = identity(STORE, "identity")
+    image_size: int | None = identity(STORE, None)
+    seed: int = identity(STORE, 0)
+    shard_rows: int = identity(STORE, 65536)
+    chunk_rows: int = identity(STORE, 8192)
     batch_size: int = 256
     workers: int | None = None
     device: str = "auto"
@@ -75,36 +96,26 @@ class TeachConfig:
 
     def store_identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run that created the store."""
-        return {
-            "dataset": self.dataset,
-            "split": self.split,
-            "views": self.views,
-            "view_policy": self.view_policy,
-            "image_size": self.image_size,
-            "seed": self.seed,
-            "shard_rows": self.shard_rows,
-            "chunk_rows": self.chunk_rows,
-        }
+        return identity_dict(self, STORE)
 
     def teacher_identity(self, spec: str) -> dict[str, Any]:
         """The fields a resumed run must share, per teacher."""
-        identity = {
-            "spec": spec,
-            "k": self.k,
-            "encoding": self.encoding,
-            "temperatures": list(self.temperatures),
-            "correction": self.correction,
-            "correction_args": self.resolved_correction_args(),
-        }
-        if self.k == "auto":
-            identity["max_kl"] = self.max_kl
-        if is_sampled(self.k):
-            identity["proposal_temperature"] = self.proposal_temperature
-        return identity
+        return identity_dict(self, TEACHER, spec=spec)
 
     def resolved_correction_args(self) -> dict[str, Any]:
         """The correction's arguments with defaults filled; SpecError on an unknown name, argument or value."""
         return get_correction(self.correction).args(self.correction_args)
+
+
+def identity_dict(cfg: TeachConfig, kind: str, **head: Any) -> dict[str, Any]:
+    """``head``, then every ``identity(kind)`` field of ``cfg`` that applies, in field order."""
+    out = dict(head)
+    for f in fields(cfg):
+        meta = f.metadata
+        if meta.get("identity") != kind or (meta["when"] is not None and not meta["when"](cfg)):
+            continue
+        out[f.name] = meta["value"](cfg) if meta["value"] is not None else getattr(cfg, f.name)
+    return out
 
 
 @dataclass
@@ -120,8 +131,8 @@ class BlockResult:
 
 def teacher_name(spec: str) -> str:
     """A short store-safe name: 'torchvision:resnet18:none' -> 'resnet18', 'a.b:make' -> 'make'."""
-    if spec.startswith("torchvision:"):
-        base = spec.split(":")[1]
+    if spec.startswith(("torchvision:", "timm:")):  # timm:<name>[:pretrained] and timm:<name>@ckpt -> <name>
+        base = spec.split(":")[1].partition("@")[0]
     elif "@" in spec:
         base = spec.split("@")[0]
     else:
@@ -129,9 +140,9 @@ def teacher_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "teacher"
 
 
-def validate(cfg: TeachConfig) -> None:
-    """Reject bad flags before anything touches the disk."""
-    if not cfg.teachers:
+def validate(cfg: TeachConfig, module_names: Sequence[str] = ()) -> None:
+    """Reject bad flags before anything touches the disk (``module_names``: the user's module teachers)."""
+    if not cfg.teachers and not module_names:
         raise SpecError("no teacher given; pass --teacher SPEC (e.g. torchvision:resnet18:none)")
     if isinstance(cfg.views, int) and cfg.views < 1:
         raise SpecError(f"--views must be >= 1 or 'all'; got {cfg.views}")
@@ -151,7 +162,7 @@ def validate(cfg: TeachConfig) -> None:
     if cfg.batch_size < 1:
         raise SpecError(f"--batch-size must be >= 1; got {cfg.batch_size}")
     cfg.resolved_correction_args()
-    names = [teacher_name(s) for s in cfg.teachers]
+    names = [teacher_name(s) for s in cfg.teachers] + list(module_names)
     if len(set(names)) != len(names):
         raise SpecError(f"two --teacher specs map to the same store name ({names}); give distinct teachers")
 
@@ -189,26 +200,15 @@ def sparse_record(logits: torch.Tensor, labels: torch.Tensor, k: int, temps) -> 
 
 def make_record(t: LoadedTeacher, logits: torch.Tensor, labels: torch.Tensor, views, rows,
                 cfg: TeachConfig) -> SparseLogits | SampledLogits:
-    """The teacher's record of a batch; sampled records draw per (seed, view, row), batch-independent."""
-    if t.layout == "sampled":
-        s = t.sampling or {}
-        return SampledLogits.from_dense(logits, labels, int(s["samples"]), cfg.temperatures,
-                                        s["proposal_temperature"], seed=int(s["seed"]), rows=rows, views=views)
-    return sparse_record(logits, labels, t.k, cfg.temperatures)
+    """The teacher's record of a batch, by its layout (``kdcache.records``); sampled records draw per
+    (seed, view, row), so they do not depend on the batching."""
+    return get_layout(t.layout).from_logits(logits, labels, k=t.k, temperatures=cfg.temperatures,
+                                            sampling=t.sampling, views=views, rows=rows)
 
 
-def record_to_numpy(rec: SparseLogits | SampledLogits, dense: bool) -> dict[str, np.ndarray]:
-    """The arrays a block stores. Dense records keep class order and need no indices."""
-    if dense:
-        values = rec.logits()
-        out = {"values": values}
-    else:
-        out = {"values": rec.values, "indices": rec.indices}
-    if isinstance(rec, SampledLogits):
-        out["counts"] = rec.counts
-    out["label_logit"] = rec.label_logit
-    out["tail"] = rec.tail_lse
-    return {name: t.detach().to("cpu", non_blocking=False).numpy() for name, t in out.items()}
+def record_to_numpy(rec: SparseLogits | SampledLogits, layout: str) -> dict[str, np.ndarray]:
+    """The arrays a block of this layout stores (dense records keep class order and need no indices)."""
+    return get_layout(layout).to_arrays(rec)
 
 
 # "bf16_rows": rows whose forward ran under bf16 autocast (GPU + --amp), so verify knows the precision to
@@ -283,35 +283,39 @@ class LoadedTeacher:
     spec: str
     model: torch.nn.Module
     k: int
-    dense: bool
     provenance: dict[str, Any]
-    layout: str = "topk"  # topk | dense | sampled | auto (until resolve_record measures k)
+    layout: str = "topk"  # a kdcache.records layout name, or AUTO until resolve_record measures k
     fidelity: dict[str, Any] | None = None  # --k auto: what was measured (teacher attrs "fidelity")
     sampling: dict[str, Any] | None = None  # --k sampled:S: samples, proposal_temperature, seed
 
+    @property
+    def dense(self) -> bool:
+        """Every class is kept, in class order (derived from the layout, so the two never disagree)."""
+        return self.layout != AUTO and get_layout(self.layout).schema.every_class
+
 
 def record_layout(k: int | str, num_classes: int) -> tuple[int, str]:
-    """(k, layout) for --k; 'auto' gets k = 0 until ``resolve_record`` measures it."""
-    if k == "auto":
-        return 0, "auto"
-    if is_sampled(k):
-        return min(parse_samples(k), num_classes), "sampled"
-    k = resolve_k(k, num_classes)
-    return k, "dense" if k == num_classes else "topk"
+    """(k, layout name) for --k (``kdcache.records.layout_for_k``); 'auto' gets k = 0 until ``resolve_record``
+    measures it."""
+    return layout_for_k(k, num_classes)
 
 
 def resolve_k(k: int | str, num_classes: int) -> int:
-    if k == "all":
-        return num_classes
-    if k == "auto" or is_sampled(k):
-        raise SpecError(f"--k {k} has no fixed k; use record_layout (auto is measured, sampled:S draws S)")
-    if not 1 <= int(k) <= num_classes:
-        raise SpecError(f"--k must be between 1 and {num_classes} (the number of classes); got {k}")
-    return int(k)
+    """The k stored for --k (slots per row); SpecError for auto, whose k is measured (``resolve_record``)."""
+    stored, layout = record_layout(k, num_classes)
+    if layout == AUTO:
+        raise SpecError("--k auto has no fixed k until it is measured; use record_layout and resolve_record")
+    return stored
 
 
-def load_teacher(spec: str, cfg: TeachConfig, num_classes: int, size, device) -> LoadedTeacher:
-    model, provenance = build_teacher(spec, num_classes, seed=cfg.seed)
+def load_teacher(spec: str | torch.nn.Module, cfg: TeachConfig, num_classes: int, size, device,
+                 name: str | None = None) -> LoadedTeacher:
+    """A teacher from a spec, or the user's own module (stored as ``name``), on ``device`` in eval mode."""
+    if isinstance(spec, torch.nn.Module):
+        model, provenance = module_teacher(spec, cfg.seed)
+        spec = provenance["spec"]
+    else:
+        model, provenance = build_teacher(spec, num_classes, seed=cfg.seed)
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -321,14 +325,31 @@ def load_teacher(spec: str, cfg: TeachConfig, num_classes: int, size, device) ->
     if layout == "sampled":
         sampling = {"samples": parse_samples(cfg.k), "proposal_temperature": cfg.proposal_temperature,
                     "seed": cfg.seed, "draws": "splitmix64(seed, view, row, draw) -> inverse CDF of q"}
-    return LoadedTeacher(teacher_name(spec), spec, model, k, layout == "dense", provenance, layout,
-                         sampling=sampling)
+    return LoadedTeacher(name or teacher_name(spec), spec, model, k, provenance, layout, sampling=sampling)
+
+
+def module_teacher(module: torch.nn.Module, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The user's module as a teacher: spec ``python:<ClassName>``, known by its weights' sha256 (a resumed
+    run needs the same weights, see ``check_weights``)."""
+    return module.eval(), {"spec": f"python:{type(module).__name__}", "weights": "python object",
+                           "weights_sha256": state_dict_sha256(module.state_dict()), "seed": seed}
+
+
+def check_weights(store: LogitStore, t: LoadedTeacher) -> None:
+    """A resumed teacher must have the weights its finished blocks were made with (same spec, other
+    weights: a retrained checkpoint or module)."""
+    if t.name not in store.teachers:
+        return
+    old, new = store.teacher_attrs(t.name).get("weights_sha256"), t.provenance.get("weights_sha256")
+    if old and new and old != new:
+        raise StoreError(f"teacher '{t.name}' in {store.url} was cached with other weights (sha256 {old[:12]}... "
+                         f"-> {new[:12]}...); pass overwrite (--overwrite) or a different out")
 
 
 def bind_teacher(store: LogitStore, t: LoadedTeacher) -> None:
     """Take k / layout / sampling from the store's teacher (resumed runs, workers, verify)."""
     a = store.teacher_attrs(t.name)
-    t.k, t.layout, t.dense = a["k"], a["layout"], a["layout"] == "dense"
+    t.k, t.layout = a["k"], a["layout"]
     t.fidelity, t.sampling = a.get("fidelity"), a.get("sampling")
 
 
@@ -356,7 +377,7 @@ def probe_logits(job: Job, store: LogitStore, t: LoadedTeacher, rows: int) -> tu
 def resolve_record(job: Job, store: LogitStore, t: LoadedTeacher) -> None:
     """``--k auto``: the smallest k within --max-kl at every declared T, measured on the first
     AUTO_SAMPLE_ROWS rows of view 0 as the store will hold them; a resumed run reuses it."""
-    if t.layout != "auto":
+    if t.layout != AUTO:
         return
     if t.name in store.teachers:
         bind_teacher(store, t)
@@ -364,7 +385,7 @@ def resolve_record(job: Job, store: LogitStore, t: LoadedTeacher) -> None:
     cfg = job.cfg
     logits, labels = probe_logits(job, store, t, AUTO_SAMPLE_ROWS)
     choice = auto_k(logits, labels, cfg.temperatures, cfg.max_kl, cfg.encoding)
-    t.k, t.dense, t.layout = choice.k, choice.dense, "dense" if choice.dense else "topk"
+    t.k, t.layout = record_layout(choice.k, choice.num_classes)  # topk, or dense when k == C
     t.fidelity = choice.as_attrs()
 
 
@@ -444,7 +465,7 @@ def ensure_teacher(store: LogitStore, cfg: TeachConfig, t: LoadedTeacher, num_cl
                 "pass --overwrite or a different --out"
             )
         return
-    layout = "dense" if t.dense else t.layout
+    layout = t.layout
     extra = {key: value for key, value in (("fidelity", t.fidelity), ("sampling", t.sampling)) if value}
     store.add_teacher(
         t.name, num_classes=num_classes, k=t.k, encoding=cfg.encoding,
@@ -475,32 +496,45 @@ class Job:
     teachers: list[LoadedTeacher]
 
 
-def prepare(cfg: TeachConfig) -> Job:
-    """Validate, load the dataset and teachers (checking their heads) before touching any store."""
-    validate(cfg)
-    dataset = load_dataset(cfg.dataset, cfg.split)
+def prepare(cfg: TeachConfig, dataset: ImageDataset | None = None,
+            teachers: Mapping[str, torch.nn.Module] | None = None) -> Job:
+    """Validate, load the dataset and teachers (checking their heads) before touching any store.
+
+    ``dataset`` (an ImageDataset, e.g. ``as_image_dataset(obj)``) replaces loading ``cfg.dataset`` and sets
+    ``cfg.dataset``/``cfg.split`` to its spec and split; ``teachers`` (name -> module) are added to
+    ``cfg.teachers``' specs. The objects stay out of the config, which stays plain data."""
+    modules = dict(teachers or {})
+    validate(cfg, tuple(modules))
+    if dataset is None:
+        dataset = load_dataset(cfg.dataset, cfg.split)
+    else:
+        cfg.dataset, cfg.split = dataset.spec, dataset.split
     policy = get_view_policy(cfg.view_policy)
     device = resolve_device(cfg.device)
     size = input_size(cfg, dataset)
-    teachers = [load_teacher(s, cfg, dataset.num_classes, size, device) for s in cfg.teachers]
-    return Job(cfg, dataset, policy, device, size, teachers)
+    loaded = [load_teacher(s, cfg, dataset.num_classes, size, device) for s in cfg.teachers]
+    loaded += [load_teacher(m, cfg, dataset.num_classes, size, device, name=n) for n, m in modules.items()]
+    return Job(cfg, dataset, policy, device, size, loaded)
 
 
 def open_store_for(job: Job) -> LogitStore:
     """Create or resume the store and the teachers' arrays (the driver's job, once)."""
     store = open_or_create(job.cfg, job.dataset, job.policy)
     for t in job.teachers:
+        check_weights(store, t)
         resolve_record(job, store, t)
         ensure_teacher(store, job.cfg, t, job.dataset.num_classes)
     return store
 
 
-def run_teach(cfg: TeachConfig, progress: Callable[[int, int], None] | None = None) -> LogitStore:
-    """Stage one in this process; ``progress(rows_done, rows_total)`` is called after each batch.
+def run_teach(cfg: TeachConfig, progress: Callable[[int, int], None] | None = None, *,
+              dataset: ImageDataset | None = None, teachers: Mapping[str, torch.nn.Module] | None = None) -> LogitStore:
+    """Stage one in this process; ``progress(rows_done, rows_total)`` is called after each batch
+    (``dataset``/``teachers``: the user's objects, see ``prepare``).
 
     The store's driver lock is held from creating/resuming the store to the final attrs, so a
     second driver on the same store is refused (``stores/lock.py``)."""
-    job = prepare(cfg)
+    job = prepare(cfg, dataset, teachers)
     with DriverLock(cfg.out, break_lock=cfg.break_lock) as lock, discard_if_nothing_done(lock):
         store = open_store_for(job)
         label_blocks(job, store, pending_blocks(store, [t.name for t in job.teachers]), progress)
@@ -616,7 +650,7 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
                     if parts[t.name]:
                         recs, stats = zip(*parts[t.name], strict=True)
                         writer.put(BlockResult(t.name, current[0], current[1],
-                                               record_to_numpy(type(recs[0]).concat(list(recs)), t.dense),
+                                               record_to_numpy(type(recs[0]).concat(list(recs)), t.layout),
                                                torch.stack(stats).sum(0).cpu().numpy()))
                         parts[t.name] = []
                 current, filled = None, 0
@@ -651,3 +685,98 @@ def teacher_summary(store: LogitStore, name: str, temps) -> dict[str, Any]:
 
 def config_dict(cfg: TeachConfig) -> dict[str, Any]:
     return asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------- from Python
+
+OPTIONS = tuple(f.name for f in fields(TeachConfig) if f.name not in ("dataset", "teachers", "out"))
+TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def teach(dataset: Any, teachers: Any, out: str | os.PathLike, *, progress: bool = True, cluster: str | None = None,
+          scheduler: str | None = None, **options: Any) -> LogitStore:
+    """Stage one from Python: writes the store ``kdcache teach`` writes; rerunning it resumes.
+
+    ``dataset``: a spec string (``"digits"``, ``"imagefolder:PATH"``, ...) or a map-style dataset,
+    ``ds[i] -> (PIL image or uint8 (C, H, W) tensor, int label)`` (see ``kdcache.data.as_image_dataset``).
+    ``teachers``: a spec, a list of specs, or a dict name -> nn.Module (or spec). A module is put in eval
+    mode on the device; a resumed run needs the same weights. ``options`` are the CLI's, named as
+    ``TeachConfig`` fields (``k=10, views=2, view_policy="crop-flip", correction_args={"alpha": 0.9}``).
+    ``progress=False`` silences the bar. ``cluster="local:N"`` / ``scheduler="tcp://HOST:PORT"`` run on dask,
+    for spec strings only (workers rebuild the dataset and teachers from the config)."""
+    check_options(options)
+    specs, modules = split_teachers(teachers)
+    if (cluster is not None or scheduler is not None) and (not isinstance(dataset, str) or modules):
+        raise SpecError("cluster=/scheduler= ship the config to dask workers, which cannot rebuild Python dataset "
+                        "or module objects; pass spec strings (dataset spec, package.module:factory teachers) "
+                        "or run without a cluster")
+    user_data = None if isinstance(dataset, str) else as_image_dataset(dataset, split=options.get("split", "train"))
+    cfg = TeachConfig(dataset=dataset if user_data is None else user_data.spec, teachers=specs, out=os.fspath(out),
+                      **normalise_options(options))
+    with rows_progress("teach" if cluster is None and scheduler is None else "teach (dask)", progress) as report:
+        if cluster is not None or scheduler is not None:
+            from kdcache.distributed import run_teach_distributed
+
+            return run_teach_distributed(cfg, cluster=cluster, scheduler=scheduler, progress=report,
+                                         log=print if progress else None)
+        return run_teach(cfg, progress=report, dataset=user_data, teachers=modules)
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """An unknown keyword is a typo: name the closest option."""
+    for key in options:
+        if key not in OPTIONS:
+            close = difflib.get_close_matches(key, OPTIONS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(OPTIONS)}"
+            raise SpecError(f"unknown teach() option {key!r}; {hint}")
+
+
+def normalise_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The CLI's parsed forms: k/views "10" -> 10, temperatures 4 or "1,4" -> (1.0, 4.0), as the CLI records them."""
+    out = dict(options)
+    for key in ("k", "views"):
+        if isinstance(out.get(key), str) and out[key].strip().isdigit():
+            out[key] = int(out[key])
+    if "temperatures" in out:
+        t = out["temperatures"]
+        try:
+            values = t.split(",") if isinstance(t, str) else [t] if isinstance(t, int | float) else list(t)
+            out["temperatures"] = tuple(float(v) for v in values if str(v).strip())
+        except (TypeError, ValueError):
+            raise SpecError(f"temperatures must be numbers, e.g. (1, 4); got {t!r}") from None
+    if out.get("correction_args") is None:
+        out.pop("correction_args", None)
+    return out
+
+
+def split_teachers(teachers: Any) -> tuple[list[str], dict[str, torch.nn.Module]]:
+    """(specs, name -> module) from a spec, a module, a list of them, or a dict name -> module or spec."""
+    if isinstance(teachers, str | torch.nn.Module):
+        teachers = [teachers]
+    if isinstance(teachers, Mapping):
+        items = list(teachers.items())
+    elif isinstance(teachers, Sequence):
+        items = [(None, t) for t in teachers]
+    else:
+        raise SpecError(f"teachers is a {type(teachers).__name__}; expected a spec string, a list of specs "
+                        "or a dict name -> nn.Module")
+    specs, modules = [], {}
+    for name, t in items:
+        if isinstance(t, str):
+            if name is not None and name != teacher_name(t):
+                raise SpecError(f"teacher {name!r}: a spec teacher is stored as {teacher_name(t)!r}, named by its "
+                                f"spec; use that key or pass the spec in a list")
+            specs.append(t)
+        elif isinstance(t, torch.nn.Module):
+            name = type(t).__name__ if name is None else name
+            if not isinstance(name, str) or not TEACHER_NAME.fullmatch(name):
+                raise SpecError(f"teacher name {name!r} must be letters, digits, '_', '.' or '-'")
+            modules[name] = t
+        else:
+            raise SpecError(f"teacher {name if name is not None else len(specs) + len(modules)!r} is a "
+                            f"{type(t).__name__}; expected a spec string or a torch nn.Module")
+    if not specs and not modules:
+        raise SpecError("no teacher given; pass teachers=['torchvision:resnet18:none'] or {'name': module}")
+    return specs, modules
+
+

@@ -1,12 +1,15 @@
-"""`kdcache verify --teacher`: rebuild the teacher, replay stored views, compare with the cache.
+"""`kdcache verify` / ``kdcache.verify``: check a store's structure and checksums, and with a teacher
+rebuild it, replay stored views and compare with the cache.
 
-A cached logit is only worth something if it is what the teacher says about *that* input, so this
-recomputes a random sample of (view, row) pairs through the same view replay and correction.
+A cached logit is only worth something if it is what the teacher says about *that* input, so the
+replay check recomputes a random sample of (view, row) pairs through the same view replay and correction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +21,49 @@ from kdcache.stores.errors import CorruptionError, StoreError
 from kdcache.stores.logit_store import LogitStore
 from kdcache.teach import load_teacher_for_store
 from kdcache.views import get_view_policy
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: ``problems`` (structure, done flags, checksums), blocks done per teacher
+    as (done, total), and one ReplayReport per teacher spec checked."""
+
+    store: str
+    problems: list[str] = field(default_factory=list)
+    blocks_done: dict[str, tuple[int, int]] = field(default_factory=dict)
+    replays: list[ReplayReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(r.ok for r in self.replays)
+
+    def raise_for_problems(self) -> None:
+        """CorruptionError (one line) unless ``ok``: the first thing a rerun of stage one must fix."""
+        if self.problems:
+            raise CorruptionError(f"{len(self.problems)} problem(s) in {self.store}; rerun `kdcache teach` with "
+                                  "--overwrite (or delete the listed shards' done flags) to rewrite them")
+        for rep in self.replays:
+            if not rep.ok:
+                raise CorruptionError(f"the cache does not reproduce teacher '{rep.teacher}' (excess over "
+                                      f"tolerance {rep.max_excess:.2e}); was it cached with another teacher "
+                                      "or dataset? re-teach with --overwrite")
+
+
+def verify(store: str | os.PathLike | LogitStore, teacher: str | Sequence[str] | None = None, samples: int = 64,
+           seed: int = 0, device: str = "auto") -> VerifyReport:
+    """Structure, done flags and per-block checksums (``LogitStore.verify``); with ``teacher`` (a spec or a
+    list of specs) also the replay check of ``samples`` stored (view, row) pairs per teacher, skipped when
+    the store already has problems. Reports, never raises for what it finds: see ``raise_for_problems``."""
+    st = store if isinstance(store, LogitStore) else LogitStore.open(os.fspath(store))
+    report = VerifyReport(st.url if isinstance(store, LogitStore) else os.fspath(store), st.verify())
+    if report.problems:
+        return report
+    for name in st.teachers:
+        done = st.done(name)
+        report.blocks_done[name] = (int(done.sum()), int(done.size))
+    specs = [teacher] if isinstance(teacher, str) else list(teacher or [])
+    report.replays = [replay_check(st, spec, samples=samples, seed=seed, device=device) for spec in specs]
+    return report
 
 
 @dataclass

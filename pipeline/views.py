@@ -1,5 +1,5 @@
 """View policies: augmentation with explicit, stored parameters, so stage two replays exactly the
-input the teacher labelled in stage one (``research/seed_methods.md`` §7).
+input the teacher labelled in stage one (``docs/methods.md``, "What a cache changes").
 
 A policy ``sample``s parameters once per store, one array per parameter of shape (V, N) in its
 storage dtype (already quantised, so applying stored values equals applying sampled ones), and

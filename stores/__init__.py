@@ -1,4 +1,4 @@
-"""kdcache's store: a Zarr v3 group of teacher outputs (see DESIGN.md §2). No torch here."""
+"""kdcache's store: a Zarr v3 group of teacher outputs (format: docs/store_format.md). No torch here."""
 
 from .codecs import (
     decode_uint8,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from zarr.codecs import BloscCodec
@@ -18,7 +19,6 @@ from .errors import StoreError
 
 FORMAT = 1
 ATTR_KEY = "kdcache"  # root attrs["kdcache"] holds the store-level metadata
-LAYOUTS = ("topk", "dense", "sampled")
 
 LABELS = "labels"
 VIEWS = "views"
@@ -39,8 +39,53 @@ TEACHER_KEYS = ("num_classes", "k", "encoding", "layout", "temperatures")
 # ("counts" is last so adding it left the checksums of topk/dense blocks unchanged.)
 BLOCK_ORDER = ("values", "indices", "label_logit", "tail", "value_offset", "value_scale", "counts")
 COUNTS_MAX = 255  # sampled layout: draws per row, stored as uint8 counts
+SLOT_ARRAYS = ("values", "indices", "counts")  # the (V, N, k) arrays a record layout may store
+# The dtypes read_block decodes to: what a decoded block costs in RAM (kdcache.records decoded_bytes_per_row).
+DECODED_DTYPES = {name: np.dtype(np.int64 if name in ("indices", "counts") else np.float32)
+                  for name in ("values", "indices", "counts", "label_logit", "tail")}
 
 BLOSC_ZSTD_LEVEL = 5
+
+
+@dataclass(frozen=True)
+class RecordSchema:
+    """Which (V, N, k) arrays a record layout stores, as plain data.
+
+    The store knows a layout (teacher attrs "layout") only through this, so stores/ stays free of torch
+    and of the pipeline; ``kdcache.records.Layout`` carries one and registers it. Every record also
+    stores ``label_logit`` and ``tail`` (and the uint8 encoding's offset and scale).
+    """
+
+    layout: str
+    slot_arrays: tuple[str, ...]  # subset of SLOT_ARRAYS, "values" first
+    every_class: bool = False  # the slots are all classes in class order: k must equal num_classes
+
+
+RECORD_SCHEMAS: dict[str, RecordSchema] = {}
+
+
+def register_record_schema(schema: RecordSchema) -> RecordSchema:
+    """Make a layout's arrays known to the store (idempotent; a different schema under a taken name is refused)."""
+    if schema.slot_arrays[:1] != ("values",) or not set(schema.slot_arrays) <= set(SLOT_ARRAYS):
+        raise StoreError(f"layout {schema.layout!r} stores {schema.slot_arrays}; it must store 'values' first and "
+                         f"only arrays of {SLOT_ARRAYS}")
+    known = RECORD_SCHEMAS.setdefault(schema.layout, schema)
+    if known != schema:
+        raise StoreError(f"layout {schema.layout!r} is already registered with another schema; pick another name")
+    return schema
+
+
+def record_schema(layout: str) -> RecordSchema:
+    """The schema of a layout name; StoreError naming the known layouts otherwise."""
+    if layout not in RECORD_SCHEMAS:
+        raise StoreError(f"unknown layout {layout!r}; use one of {', '.join(RECORD_SCHEMAS)}")
+    return RECORD_SCHEMAS[layout]
+
+
+# Format 1's layouts (their arrays are on disk, so they are defined here, next to the rest of the format).
+TOPK = register_record_schema(RecordSchema("topk", ("values", "indices")))
+DENSE = register_record_schema(RecordSchema("dense", ("values",), every_class=True))
+SAMPLED = register_record_schema(RecordSchema("sampled", ("values", "indices", "counts")))
 
 
 def chunking(num_rows: int, chunk_rows: int, shard_rows: int) -> tuple[int, int, int]:
@@ -66,11 +111,11 @@ def teacher_schema(
     num_classes: int, k: int, encoding: str, layout: str, num_temperatures: int
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """The per-(view, row) arrays of a teacher: name -> (trailing shape after (V, N), dtype)."""
-    schema: dict[str, tuple[tuple[int, ...], np.dtype]] = {"values": ((k,), value_dtype(encoding))}
-    if layout != "dense":
-        schema["indices"] = ((k,), index_dtype(num_classes))
-    if layout == "sampled":  # draws per stored class (values/indices: the distinct sampled classes)
-        schema["counts"] = ((k,), np.dtype(np.uint8))
+    slot_dtypes = {"values": value_dtype(encoding), "indices": index_dtype(num_classes),
+                   "counts": np.dtype(np.uint8)}  # counts: draws per stored class (sampled records)
+    schema: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+        name: ((k,), slot_dtypes[name]) for name in record_schema(layout).slot_arrays
+    }
     schema["label_logit"] = ((), np.dtype(np.float16))
     schema["tail"] = ((num_temperatures,), np.dtype(np.float32))
     if encoding == "uint8":
@@ -82,14 +127,13 @@ def teacher_schema(
 def check_teacher_spec(num_classes: int, k: int, encoding: str, layout: str, temperatures) -> None:
     """Refuse a teacher spec that could not be stored or read back consistently."""
     check_encoding(encoding)
-    if layout not in LAYOUTS:
-        raise StoreError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    every_class = record_schema(layout).every_class
     if not isinstance(num_classes, int) or num_classes < 1:
         raise StoreError(f"num_classes must be a positive int, got {num_classes!r}")
     if not isinstance(k, int) or not 1 <= k <= num_classes:
         raise StoreError(f"k must be an int in [1, num_classes={num_classes}], got {k!r}")
-    if layout == "dense" and k != num_classes:
-        raise StoreError(f"layout 'dense' stores every class: k must equal num_classes ({num_classes})")
+    if every_class and k != num_classes:
+        raise StoreError(f"layout {layout!r} stores every class: k must equal num_classes ({num_classes})")
     temps = list(temperatures)
     if not temps or not all(isinstance(t, int | float) and math.isfinite(t) and t > 0 for t in temps):
         raise StoreError(f"temperatures must be a non-empty list of positive numbers, got {temps!r}")

@@ -1,6 +1,6 @@
 """``LogitStore``: the Zarr v3 store of teacher outputs (format 1; schema in ``stores/format.py``).
 
-Who writes what (write safety, research/engineering.md §1.2): the driver creates the store
+Who writes what (write safety, docs/architecture.md "Writing the store safely"): the driver creates the store
 (labels, views, manifest, root attrs) and adds teachers; workers then write whole shards with
 ``write_block``, each setting its own ``checksum`` and ``done`` cell last. Nothing else is written
 concurrently, because zarr has no locking and partial shard writes lose data.
@@ -334,7 +334,8 @@ class LogitStore:
         if name in parent:
             if not replace:
                 raise StoreError(
-                    f"teacher {name!r} already exists in {self.url}; pick another name or replace it (--replace)"
+                    f"teacher {name!r} already exists in {self.url}; pick another name or pass replace=True "
+                    "(the CLI: --overwrite)"
                 )
             del parent[name]
         self._teachers.pop(name, None)
@@ -472,16 +473,8 @@ class LogitStore:
     @staticmethod
     def _encode(t: _Teacher, record: Mapping, rows: int, where: str) -> dict[str, np.ndarray]:
         """Validate a record against the teacher's schema and return the on-disk arrays."""
-        expected = {
-            "values": (rows, t.k),
-            "indices": (rows, t.k),
-            "label_logit": (rows,),
-            "tail": (rows, len(t.temperatures)),
-        }
-        if t.layout == "dense":
-            del expected["indices"]
-        if t.layout == "sampled":
-            expected["counts"] = (rows, t.k)
+        expected = {name: (rows, t.k) for name in fmt.record_schema(t.layout).slot_arrays}
+        expected |= {"label_logit": (rows,), "tail": (rows, len(t.temperatures))}
         unknown, missing = sorted(set(record) - set(expected)), sorted(set(expected) - set(record))
         if unknown or missing:
             raise StoreError(
@@ -529,13 +522,14 @@ class LogitStore:
                 f"teacher {name!r} view {view} rows {start}:{stop}: unreadable chunk "
                 f"({type(err).__name__}: {err}); run `kdcache verify`"
             ) from err
+        decoded = fmt.DECODED_DTYPES
         out = {"values": decode_values(raw, t.encoding)}
         if "indices" in raw:
-            out["indices"] = raw["indices"].astype(np.int64)
+            out["indices"] = raw["indices"].astype(decoded["indices"])
         if "counts" in raw:
-            out["counts"] = raw["counts"].astype(np.int64)
-        out["label_logit"] = raw["label_logit"].astype(np.float32)
-        out["tail"] = raw["tail"].astype(np.float32, copy=False)
+            out["counts"] = raw["counts"].astype(decoded["counts"])
+        out["label_logit"] = raw["label_logit"].astype(decoded["label_logit"])
+        out["tail"] = raw["tail"].astype(decoded["tail"], copy=False)
         return out
 
     def read_view(self, name: str, view: int) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, random_logits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,22 +20,6 @@ from kdcache.sparse import SparseLogits
 from kdcache.stores.errors import SpecError
 
 TEMPS = (1.0, 2.0, 4.0)
-FAST = settings(max_examples=40, deadline=None)
-
-
-def make(seed: int, b: int, c: int, scale: float = 3.0, dtype=torch.float64, rank=None):
-    """Random continuous logits; the label is the class at ``rank`` (an int or (lo, hi)) or random."""
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(b, c)) * scale
-    order = np.argsort(-z, axis=1)
-    if rank is None:
-        ranks = rng.integers(0, c, size=b)
-    elif isinstance(rank, tuple):
-        ranks = rng.integers(rank[0], rank[1] + 1, size=b)
-    else:
-        ranks = np.full(b, rank)
-    y = order[np.arange(b), ranks]
-    return torch.tensor(z, dtype=dtype), torch.tensor(y)
 
 
 # ---------------------------------------------------------------- float64 numpy references
@@ -91,7 +76,7 @@ def test_sort_and_swap_examples_from_the_notes():
 @given(dense_cases, st.sampled_from(["swap", "sort"]))
 def test_swap_and_sort_match_reference_and_keep_the_multiset(case, name):
     seed, b, c, scale = case
-    z, y = make(seed, b, c, scale)
+    z, y = random_logits(seed, b, c, scale)
     out = apply_correction(name, z, y)
     np.testing.assert_array_equal(out.numpy(), REFS[name](z.numpy(), y.numpy()))
     assert torch.equal(out.sort(dim=1).values, z.sort(dim=1).values)
@@ -102,7 +87,7 @@ def test_swap_and_sort_match_reference_and_keep_the_multiset(case, name):
 @given(dense_cases, st.floats(0.05, 0.99), st.sampled_from([1.0, 2.0, 4.0]))
 def test_loca_matches_probability_formula(case, alpha, t):
     seed, b, c, scale = case
-    z, y = make(seed, b, c, scale)
+    z, y = random_logits(seed, b, c, scale)
     out = apply_correction("loca", z, y, alpha=alpha, temperature=t)
     p_new = torch.softmax(out / t, dim=1).numpy()
     want = loca_ref_probs(z.numpy(), y.numpy(), alpha, t)
@@ -123,12 +108,12 @@ def test_loca_matches_probability_formula(case, alpha, t):
 @given(dense_cases, st.sampled_from(["swap", "sort", "loca"]))
 def test_correct_samples_are_unchanged(case, name):
     seed, b, c, scale = case
-    z, y = make(seed, b, c, scale, rank=0)
+    z, y = random_logits(seed, b, c, scale, rank=0)
     assert torch.equal(apply_correction(name, z, y), z)
 
 
 def test_loca_float32_close_to_float64():
-    z, y = make(5, 32, 100, scale=5.0, dtype=torch.float32)
+    z, y = random_logits(5, 32, 100, scale=5.0, dtype=torch.float32)
     got = apply_correction("loca", z, y)
     want = apply_correction("loca", z.double(), y)
     assert got.dtype == torch.float32
@@ -168,7 +153,7 @@ def assert_records_equal(a: SparseLogits, b: SparseLogits, tol: float):
 )
 def test_correction_commutes_with_from_dense(seed, c, data, name, where):
     k = data.draw(st.integers(1, c))
-    z, y = make(seed, 5, c, scale=data.draw(st.floats(0.5, 8.0)), rank=label_rank(RANKS[where], k, c))
+    z, y = random_logits(seed, 5, c, scale=data.draw(st.floats(0.5, 8.0)), rank=label_rank(RANKS[where], k, c))
     args = {"temperature": data.draw(st.sampled_from(TEMPS))} if name == "loca" else {}
     dense_first = SparseLogits.from_dense(apply_correction(name, z, y, **args), y, k, TEMPS)
     sparse_first = apply_correction(name, SparseLogits.from_dense(z, y, k, TEMPS), **args)
@@ -184,14 +169,14 @@ def test_correction_commutes_with_from_dense(seed, c, data, name, where):
 @pytest.mark.parametrize("k,where", [(1, "outside"), (5, "rank0"), (5, "inside"), (5, "outside"), (100, "random")])
 def test_commutation_float32(name, k, where):
     c = 100
-    z, y = make(11, 64, c, scale=4.0, dtype=torch.float32, rank=label_rank(RANKS[where], k, c))
+    z, y = random_logits(11, 64, c, scale=4.0, dtype=torch.float32, rank=label_rank(RANKS[where], k, c))
     dense_first = SparseLogits.from_dense(apply_correction(name, z, y), y, k, (1.0, 4.0))
     sparse_first = apply_correction(name, SparseLogits.from_dense(z, y, k, (1.0, 4.0)))
     assert_records_equal(dense_first, sparse_first, tol=1e-4)
 
 
 def test_sparse_loca_needs_its_temperature_declared():
-    z, y = make(0, 4, 10, rank=(5, 9))
+    z, y = random_logits(0, 4, 10, rank=(5, 9))
     rec = SparseLogits.from_dense(z, y, 3, (1.0,))
     with pytest.raises(SpecError, match="no tail statistics at T=4"):
         apply_correction("loca", rec)
@@ -208,7 +193,7 @@ def test_registry():
 
 
 def test_errors():
-    z, y = make(0, 2, 5)
+    z, y = random_logits(0, 2, 5)
     rec = SparseLogits.from_dense(z, y, 2, TEMPS)
     with pytest.raises(SpecError, match="unknown correction 'smooth'; choose one of: none, swap, sort, loca"):
         apply_correction("smooth", z, y)

@@ -19,11 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from kdcache.loader import CachedLoader
 from kdcache.models import build_model
 from kdcache.stores.errors import SpecError
 from kdcache.stores.logit_store import LogitStore
 from kdcache.teach import TeachConfig, run_teach
-from kdcache.train import TrainConfig, open_source, run_train, validate
+from kdcache.train import TrainConfig, run_train, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -105,25 +106,28 @@ def test_two_processes_train_the_same_student_as_one(tmp_path, store):
 
 def test_global_batch_must_divide_by_world(tmp_path, store):
     cfg = TrainConfig(source=str(store), out=str(tmp_path / "x"), **{**ARGS, "batch_size": 63})
-    src = open_source(cfg, rank=0, world=2)
     with pytest.raises(SpecError, match="divisible by the 2 processes"):
-        validate(cfg, src, {})
+        validate(cfg, world=2)
+
+
+def loader(store: Path, rank: int = 0, world: int = 1, preload: str = "yes") -> CachedLoader:
+    """The public loader as `kdcache train` opens it for ARGS (per-rank batch B / world)."""
+    return CachedLoader(store, ARGS["batch_size"] // world, teacher=ARGS["teacher"], seed=0, preload=preload,
+                        view_schedule=ARGS["view_schedule"], workers=0, rank=rank, world=world)
 
 
 def test_ranks_read_disjoint_shares_of_the_epoch(store, tmp_path):
-    cfg = TrainConfig(source=str(store), out=str(tmp_path / "x"), **ARGS)
-    whole = open_source(cfg).soft.order(3)
-    shares = [open_source(cfg, rank=r, world=2).soft.order(3) for r in range(2)]
+    whole = loader(store).order(3)
+    shares = [loader(store, r, 2).order(3) for r in range(2)]
     for r, share in enumerate(shares):  # positions r, r + 2, ... of the single-process (row, view) order
         assert share.rows.tolist() == whole.rows[r::2].tolist()
         assert share.views.tolist() == whole.views[r::2].tolist()
 
 
 def test_streamed_ranks_read_disjoint_chunks_that_cover_the_epoch(store, tmp_path):
-    """Streamed soft labels: rank r takes chunks r, r + N, ... of the epoch's shuffled chunk order, so the
+    """Streamed soft labels: rank r takes the r-th of N arcs of the epoch's rotated chunk ring, so the
     ranks' rows are disjoint, together every row once, and each rank's records are its rows' records."""
-    cfg = TrainConfig(source=str(store), out=str(tmp_path / "x"), **{**ARGS, "preload": "no"})
-    shares = [open_source(cfg, rank=r, world=2).soft for r in range(2)]
+    shares = [loader(store, r, 2, preload="no").members[0].soft for r in range(2)]
     orders = [soft.order(3) for soft in shares]
     rows = [set(o.rows.tolist()) for o in orders]
     assert rows[0].isdisjoint(rows[1])

@@ -16,13 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
+from helpers import ROOT, TEACHER, assert_same_arrays, runner, wait_for_done
 
 from kdcache.cli.main import app
 from kdcache.distributed import job_key, parse_cluster, run_teach_distributed, start_local_cluster
@@ -32,10 +30,7 @@ from kdcache.stores.logit_store import LogitStore
 from kdcache.teach import TeachConfig, run_teach
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
-ROOT = Path(__file__).resolve().parents[1]
-TEACHER = "torchvision:resnet18:none"
 CRASHY = "crashy_teacher:crash_once_teacher"
-runner = CliRunner()
 
 
 def config(out: Path | str, **kw) -> TeachConfig:
@@ -45,25 +40,10 @@ def config(out: Path | str, **kw) -> TeachConfig:
     return TeachConfig(**{**base, **kw})
 
 
-def arrays(path: Path | str) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-
-    def walk(group, prefix):
-        for name, arr in group.arrays():
-            out[prefix + name] = arr[...]
-        for name, sub in group.groups():
-            walk(sub, f"{prefix}{name}/")
-
-    walk(zarr.open_group(str(path), mode="r"), "")
-    return out
-
-
 def assert_same_store(a: Path | str, b: Path | str) -> None:
-    x, y = arrays(a), arrays(b)
-    assert x.keys() == y.keys()
+    """Every array equal (checksums and block stats included), and the same summaries."""
+    x = assert_same_arrays(a, b)
     assert any(k.endswith("/checksum") for k in x) and any(k.endswith("/block_stats") for k in x)
-    for key in x:
-        np.testing.assert_array_equal(x[key], y[key], err_msg=key)
     sa, sb = LogitStore.open(str(a)), LogitStore.open(str(b))
     for name in sa.teachers:
         assert sa.teacher_attrs(name)["summary"] == sb.teacher_attrs(name)["summary"]
@@ -164,21 +144,6 @@ def test_dataloader_workers_run_inside_tasks(tmp_path, scheduler):
     assert dist.done("resnet18").all() and dist.verify() == []
 
 
-def _wait_for_done(store: Path, at_least: int, proc: subprocess.Popen, timeout: float = 180) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the driver exited ({proc.returncode}) before it could be killed")
-        try:
-            done = int(LogitStore.open(str(store)).done("resnet18").sum())
-            if done >= at_least:
-                return done
-        except Exception:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("no progress")
-
-
 def test_driver_sigkill_then_rerun_resumes_to_the_same_store(tmp_path, scheduler):
     args = ["teach", "digits", "--split", "test", "--teacher", TEACHER, "--k", "4", "--views", "4",
             "--view-policy", "crop-flip", "--shard-rows", "32", "--chunk-rows", "32", "--batch-size", "32"]  # 48 blocks
@@ -187,7 +152,7 @@ def test_driver_sigkill_then_rerun_resumes_to_the_same_store(tmp_path, scheduler
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        _wait_for_done(killed, 4, proc)
+        wait_for_done(killed, 4, proc)
         os.kill(proc.pid, signal.SIGKILL)  # the driver only: its workers notice and exit
         proc.wait()
     finally:

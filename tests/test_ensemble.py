@@ -8,19 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import TEACHER, runner
 
 from kdcache.cli.main import app
 from kdcache.ensemble import EnsembleRecord, common_temperatures, parse_teachers
+from kdcache.loader import CachedLoader
+from kdcache.records import get_layout
 from kdcache.soft_labels import SoftLabels
 from kdcache.sparse import SparseLogits
 from kdcache.stores.errors import SpecError
 from kdcache.stores.logit_store import LogitStore
 from kdcache.teach import TeachConfig, run_teach
-from kdcache.train import TrainConfig, open_source, run_train, teacher_record
+from kdcache.train import TrainConfig, run_train
 
-runner = CliRunner()
-TEACHERS = ["torchvision:resnet18:none", "torchvision:mobilenet_v3_small:none"]
+TEACHERS = [TEACHER, "torchvision:mobilenet_v3_small:none"]
 ENSEMBLE = "resnet18,mobilenet_v3_small"
 
 
@@ -40,7 +41,8 @@ def member_records(store: Path, n: int = 100) -> list[SparseLogits]:
         soft = SoftLabels(st, name, preload="yes", view_schedule="random")
         order = soft.order(1)
         labels = torch.from_numpy(st.labels()[order.rows[:n]].astype(np.int64))
-        out.append(teacher_record(next(soft.batches(order, n)), labels, st.teacher_attrs(name), "cpu"))
+        attrs = st.teacher_attrs(name)
+        out.append(get_layout(attrs["layout"]).from_arrays(next(soft.batches(order, n)), labels, attrs, "cpu"))
     return out
 
 
@@ -81,9 +83,8 @@ def test_training_from_the_ensemble(tmp_path, store):
                if ens[k].is_floating_point()) > 0, "the ensemble is another teacher"
     for loss in ("dkd", "clkd"):  # clkd reads logits(): the ensemble's log-probabilities
         run(loss, ENSEMBLE, loss)
-    cfg = TrainConfig(source=str(store), student="tiny_cnn", out=str(tmp_path / "x"), teacher=ENSEMBLE)
-    src = open_source(cfg)
-    assert src.teacher_attrs["temperatures"] == [1.0, 4.0] and len(src.members) == 2
+    loader = CachedLoader(store, 16, teacher=ENSEMBLE)
+    assert loader.teacher_attrs["temperatures"] == [1.0, 4.0] and len(loader.members) == 2
 
 
 @pytest.mark.parametrize("extra, needle", [

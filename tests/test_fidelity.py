@@ -8,6 +8,7 @@ log-probabilities within 2e-3 absolute (float16 has an 11-bit mantissa: |z| * 2^
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -16,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli, random_logits, runner, teach
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 from kdcache.cli.main import app
 from kdcache.fidelity import (
@@ -39,20 +40,13 @@ from kdcache.sparse import SparseLogits, kl_to_dense
 from kdcache.stores.errors import SpecError
 from kdcache.stores.logit_store import LogitStore
 
-runner = CliRunner()
 TEACHER = "kdcache.models:small_cnn"  # random weights, 100-class head on mnist-pairs: fast on CPU
 NAME = "small_cnn"
 DATA = "mnist-pairs?n=300"
 
 
-def teach(*args: str):
-    return runner.invoke(app, ["teach", *args])
-
-
-def make(seed: int, b: int, c: int, scale: float, dtype=torch.float32):
-    rng = np.random.default_rng(seed)
-    z = torch.tensor(rng.standard_t(3, size=(b, c)) * scale, dtype=dtype)
-    return z, torch.tensor(rng.integers(0, c, size=b))
+# heavy-tailed logits (a few large ones per row, like a trained teacher's), float32 unless asked
+make = functools.partial(random_logits, dtype=torch.float32, heavy_tailed=True)
 
 
 # ------------------------------------------------------------------------------------------ choose_k
@@ -277,7 +271,7 @@ def test_auto_through_the_cli_keeps_its_promise_and_is_reported(tmp_path):
     for t in rec.temperatures:
         assert kl_to_dense(z, rec, t).mean().item() <= 5e-4 * 1.01  # replay vs batched forward: fp32 noise
 
-    info = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
+    info = json.loads(cli("inspect", out, "--json").output)
     assert info["teachers"][NAME]["fidelity"]["k"] == a["k"]
     text = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "250"}).output
     assert f"chose k={a['k']} for --max-kl 0.0005" in text

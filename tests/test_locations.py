@@ -14,26 +14,17 @@ import uuid
 import fsspec
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from helpers import TEACHER, empty_store, runner, small_teach_args
 
 from kdcache.cli.main import app
 from kdcache.stores.lock import LOCK_NAME, DriverLock, LockHolder, StoreLockedError, is_lock_file, read_lock
 from kdcache.stores.logit_store import LogitStore
 
-TEACHER = "torchvision:resnet18:none"
-runner = CliRunner()
-TINY_MANIFEST = {"dataset_index": np.arange(4), "sample_id": list("abcd"), "label": np.zeros(4, dtype=np.int32)}
-
-
-def teach_args(out: str, *extra: str) -> list[str]:
-    return ["teach", "digits", "--split", "test", "--teacher", TEACHER, "--k", "5", "--views", "2",
-            "--view-policy", "crop-flip", "--shard-rows", "128", "--chunk-rows", "64", "--out", out, *extra]
-
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])
 def test_teach_inspect_verify_on_urls(tmp_path, scheme):
     url = f"file://{tmp_path}/u.kdc" if scheme == "file" else f"memory://kdcache-test-{uuid.uuid4().hex}/u.kdc"
-    res = runner.invoke(app, teach_args(url))
+    res = runner.invoke(app, small_teach_args(url))
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["inspect", url, "--json"])
     assert res.exit_code == 0, res.output
@@ -42,7 +33,7 @@ def test_teach_inspect_verify_on_urls(tmp_path, scheme):
     res = runner.invoke(app, ["verify", url, "--teacher", TEACHER, "--samples", "8"])
     assert res.exit_code == 0, res.output
     assert "checksums match" in res.output and "top-1 agreement 100.0%" in res.output
-    res = runner.invoke(app, teach_args(url))  # resume on a URL: nothing left to do
+    res = runner.invoke(app, small_teach_args(url))  # resume on a URL: nothing left to do
     assert res.exit_code == 0, res.output
     for preload in ("yes", "no"):  # stage two reads the URL store, preloaded and streamed
         res = runner.invoke(app, ["train", url, "--student", "small_cnn", "--epochs", "1", "--max-steps-per-epoch",
@@ -51,7 +42,7 @@ def test_teach_inspect_verify_on_urls(tmp_path, scheme):
         assert (tmp_path / f"run-{preload}" / "student.pt").exists()
     if scheme == "file":  # the same bytes as through a plain path
         plain = tmp_path / "plain.kdc"
-        assert runner.invoke(app, teach_args(str(plain))).exit_code == 0
+        assert runner.invoke(app, small_teach_args(plain)).exit_code == 0
         a, b = LogitStore.open(url), LogitStore.open(str(plain))
         np.testing.assert_array_equal(a.read_view("resnet18", 1)["values"], b.read_view("resnet18", 1)["values"])
     else:
@@ -161,9 +152,9 @@ def test_the_lock_file_is_invisible_to_the_store(tmp_path):
     out = tmp_path / "s.kdc"
     with DriverLock(out):
         assert not LogitStore.exists(out), "a directory holding only a lock is not a store"
-        res = runner.invoke(app, teach_args(str(out)))
+        res = runner.invoke(app, small_teach_args(out))
         assert res.exit_code == 2 and "being written by another kdcache driver" in res.output
-    assert runner.invoke(app, teach_args(str(out))).exit_code == 0
+    assert runner.invoke(app, small_teach_args(out)).exit_code == 0
     with DriverLock(out) as lock:
         store = LogitStore.open(str(out))
         assert store.verify() == []
@@ -171,16 +162,14 @@ def test_the_lock_file_is_invisible_to_the_store(tmp_path):
         res = runner.invoke(app, ["inspect", str(out), "--json"])
         assert res.exit_code == 0, res.output
         # the driver holding the lock may overwrite the store; the lock survives it
-        LogitStore.create(out, labels=np.zeros(4, dtype=np.int32), views={}, num_views=1, attrs={},
-                          manifest=TINY_MANIFEST, overwrite=True)
+        empty_store(out, overwrite=True)
         assert read_lock(out).token == lock.holder.token
         assert LogitStore.open(str(out)).num_rows == 4
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with DriverLock(foreign), pytest.raises(Exception, match="not a zarr store"):
-        LogitStore.create(foreign, labels=np.zeros(4, dtype=np.int32), views={}, num_views=1, attrs={},
-                          manifest=TINY_MANIFEST, overwrite=True)
+        empty_store(foreign, overwrite=True)
     assert (foreign / "notes.txt").read_text() == "mine"
 
 

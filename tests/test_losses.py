@@ -1,6 +1,6 @@
 """kdcache.losses against independent float64 transcriptions of each paper's formula.
 
-The references below are written from the formulas in research/seed_methods.md and the official code.
+The references below are written from the formulas in docs/methods.md and the official code.
 They share no code with pipeline/losses.py: plain float64 torch, explicit loops for swap, the NCKD
 distribution computed by dropping the label column rather than with the -1000 trick.
 """
@@ -192,6 +192,12 @@ def test_defaults_are_the_papers_cifar100_settings():
     assert sorted(n for n, s in LOSSES.items() if s.linear_in_teacher) == ["ce", "kd", "ttm"]
 
 
+def test_every_registered_loss_has_a_reference_and_cases():
+    """A loss added to the registry without a reference transcription and a case would go untested."""
+    assert set(REFS) == set(LOSSES)
+    assert {name for name, _, _ in CASES} == set(LOSSES)
+
+
 @pytest.mark.parametrize(("name", "overrides", "epoch"), CASES, ids=CASE_IDS)
 def test_matches_float64_reference_and_gradients(name, overrides, epoch):
     zs, zt, y = make_batch()
@@ -290,6 +296,94 @@ def test_kd_is_at_least_weighted_ce(b, c, seed, scale, T, data):
     ce = hp["w_ce"] * torch.nn.functional.cross_entropy(zs, y)
     assert math.isfinite(float(loss))
     assert float(loss) >= float(ce) - 1e-5 * (1.0 + abs(float(ce)))
+
+
+# ------------------------------------------------------------------------ generic properties, over the registry
+# Every loss in LOSSES, at its defaults and at an epoch where every term is on (DKD past its warm-up,
+# SLD's student term active).
+ALL_ON = 1000
+REGISTERED = sorted(LOSSES)
+NEEDS_TEACHER = sorted(n for n, s in LOSSES.items() if s.needs_teacher)
+
+
+def loss_and_grad(fn, zs, teacher, y, hp, epoch=ALL_ON):
+    zs = zs.clone().requires_grad_(True)
+    loss = fn(zs, teacher, y, epoch=epoch, **hp)
+    loss.backward()
+    return loss.detach(), zs.grad
+
+
+def teacher_effect(fn, hp, k=None, seed=3):
+    """How much swapping the teacher for another changes (loss, gradient wrt the student): the same
+    student logits and labels, two different teachers' records."""
+    zs, zt, y = make_batch(seed)
+    _, other, _ = make_batch(seed + 100)
+    temps = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 10.0)  # every default loss temperature: the tail is exact there
+    records = [SparseLogits.from_dense(t, y, k or C, temperatures=temps) for t in (zt, other)]
+    (l1, g1), (l2, g2) = (loss_and_grad(fn, zs, r, y, hp) for r in records)
+    return abs(float(l1) - float(l2)), float((g1 - g2).abs().max())
+
+
+@pytest.mark.parametrize("name", NEEDS_TEACHER)
+@pytest.mark.parametrize("k", [None, 3], ids=["dense", "top3"])
+def test_a_different_teacher_changes_the_loss_and_its_gradient(name, k):
+    """Fails for a loss that ignores its teacher (or reads only the labels from it)."""
+    d_loss, d_grad = teacher_effect(LOSSES[name].fn, resolve_hparams(name), k)
+    assert d_loss > 1e-4, f"{name}: the loss does not depend on the teacher"
+    assert d_grad > 1e-5, f"{name}: the gradient does not depend on the teacher"
+
+
+def test_the_teacher_effect_check_catches_a_loss_that_ignores_its_teacher():
+    def ignores_teacher(student_logits, teacher, labels, *, epoch=1, T=4.0):
+        return torch.nn.functional.cross_entropy(student_logits / T, labels)
+
+    assert teacher_effect(ignores_teacher, {"T": 4.0}) == (0.0, 0.0)
+    assert teacher_effect(LOSSES["ce"].fn, {}) == (0.0, 0.0)  # ce: needs_teacher is False, and it is not read
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_finite_float32_scalar_with_a_gradient_at_every_record_size(name):
+    zs, zt, y = make_batch(seed=4)
+    hp = resolve_hparams(name)
+    for k in (1, 3, C):
+        loss, grad = loss_and_grad(LOSSES[name].fn, zs, record(zt, y, name, hp, k), y, hp)
+        assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_invariant_to_the_order_of_rows_and_of_classes(name):
+    """Permuting the batch, or renaming the classes consistently (student, teacher and labels), changes
+    nothing: a loss must not pair a student row with another row's teacher, nor depend on class ids."""
+    zs, zt, y = make_batch(seed=5)
+    hp = resolve_hparams(name)
+    fn = LOSSES[name].fn
+    base, grad = loss_and_grad(fn, zs, record(zt, y, name, hp, k=4), y, hp)
+    rows = torch.randperm(B, generator=torch.Generator().manual_seed(0))
+    loss, g = loss_and_grad(fn, zs[rows], record(zt[rows], y[rows], name, hp, k=4), y[rows], hp)
+    assert float(loss) == pytest.approx(float(base), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(g, grad[rows], rtol=1e-4, atol=1e-6)
+    cls = torch.randperm(C, generator=torch.Generator().manual_seed(1))  # new class j is old class cls[j]
+    new_label = torch.argsort(cls)[y]
+    loss, g = loss_and_grad(fn, zs[:, cls], record(zt[:, cls], new_label, name, hp, k=4), new_label, hp)
+    assert float(loss) == pytest.approx(float(base), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(g, grad[:, cls], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NEEDS_TEACHER)
+def test_reads_the_teacher_only_at_its_declared_temperatures(name):
+    """``LossSpec.temperatures`` is what the trainer checks the store's tail against. A top-3 record
+    declaring only those temperatures must give the same loss as one declaring many more: a loss reading
+    the teacher at an unlisted T would get the uniform T=1 tail there instead of the exact tail mass."""
+    zs, zt, y = make_batch(seed=6)
+    hp = resolve_hparams(name)
+    fn = LOSSES[name].fn
+    needed = loss_temperatures(name, hp)
+    minimal = SparseLogits.from_dense(zt, y, 3, temperatures=(1.0, *needed))
+    rich = SparseLogits.from_dense(zt, y, 3, temperatures=(0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, *needed))
+    (l1, g1), (l2, g2) = loss_and_grad(fn, zs, minimal, y, hp), loss_and_grad(fn, zs, rich, y, hp)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
 def test_loss_temperatures():

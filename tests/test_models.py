@@ -1,11 +1,25 @@
 """Model registry, seeded construction, teacher specs and weight provenance."""
 
+import importlib.util
+import sys
+
 import pytest
 import torch
 from torch import nn
+from typer.testing import CliRunner
 
-from kdcache.models import build_model, build_teacher, list_models, register_model, state_dict_sha256
+from kdcache.cli.main import app
+from kdcache.models import (
+    WeightsDownloadError,
+    build_model,
+    build_teacher,
+    list_model_specs,
+    list_models,
+    register_model,
+    state_dict_sha256,
+)
 from kdcache.stores.errors import SpecError
+from kdcache.stores.logit_store import LogitStore
 
 CIFAR_NETS = ["resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2"]
 
@@ -134,3 +148,99 @@ def test_state_dict_sha256_sensitive():
     assert state_dict_sha256(changed) != base
     renamed = {("x" + k if k == "head.3.bias" else k): v for k, v in state.items()}
     assert state_dict_sha256(renamed) != base
+
+
+# ------------------------------------------------------------------------------------------ timm extra
+
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="the timm extra is not installed")
+TIMM_TEACHER = "timm:test_resnet"  # timm's own test net: tiny, runs at 8x8
+TIMM_STUDENT = "timm:mobilenetv3_small_050"
+
+
+def error_line(res) -> str:
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    return lines[0]
+
+
+@needs_timm
+def test_timm_models_build_seeded_with_the_dataset_head():
+    sha = lambda m: state_dict_sha256(m.state_dict())  # noqa: E731
+    model = build_model(TIMM_STUDENT, 7, seed=1)
+    assert model.eval()(torch.randn(2, 3, 8, 8)).shape == (2, 7)
+    assert sha(model) == sha(build_model(TIMM_STUDENT, 7, seed=1)) != sha(build_model(TIMM_STUDENT, 7, seed=2))
+    teacher, prov = build_teacher(TIMM_TEACHER, 5, seed=3)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert prov == {"spec": TIMM_TEACHER, "weights": "none", "seed": 3,
+                    "weights_sha256": sha(build_model(TIMM_TEACHER, 5, seed=3))}
+
+
+@needs_timm
+def test_timm_checkpoint_teacher(tmp_path):
+    model = build_model(TIMM_TEACHER, 10, seed=4)
+    torch.save(model.state_dict(), tmp_path / "t.pt")
+    teacher, prov = build_teacher(f"{TIMM_TEACHER}@{tmp_path / 't.pt'}", 10, seed=0)  # another seed: the file wins
+    assert prov["weights_sha256"] == state_dict_sha256(model.state_dict())
+
+
+@needs_timm
+def test_timm_pretrained_without_network_is_one_line(tmp_path, monkeypatch):
+    """timm's real download path, kept offline: no network and an empty Hugging Face cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(WeightsDownloadError, match=r"timm:test_resnet .*network.*local checkpoint"):
+        build_teacher(f"{TIMM_TEACHER}:pretrained", 10)
+    res = CliRunner().invoke(app, ["teach", "digits", "--teacher", f"{TIMM_TEACHER}:pretrained",
+                                   "--out", str(tmp_path / "s.kdc")])
+    assert "could not download pretrained weights for timm:test_resnet" in error_line(res)
+    assert not (tmp_path / "s.kdc").exists()
+
+
+@needs_timm
+def test_timm_spec_errors():
+    import timm
+
+    with pytest.raises(SpecError, match=r"unknown timm model 'resnet10x' \(did you mean timm:resnet10t"):
+        build_model("timm:resnet10x", 10)
+    with pytest.raises(SpecError, match="only weights option is ':pretrained'"):
+        build_teacher(f"{TIMM_TEACHER}:IMAGENET1K_V1", 10)
+    no_weights = sorted(set(timm.list_models()) - {n.partition(".")[0] for n in timm.list_pretrained()})[0]
+    with pytest.raises(SpecError, match=f"'{no_weights}' has no pretrained weights"):
+        build_teacher(f"timm:{no_weights}:pretrained", 10)
+    bare, prefixed = list_model_specs("resnet10*"), list_model_specs("timm:resnet10*")
+    assert {"resnet101", "timm:resnet10t", "timm:resnet101"} <= set(bare)  # torchvision's and timm's
+    assert "timm:resnet10t" in prefixed and "resnet101" not in prefixed
+
+
+def test_timm_spec_without_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if the extra were not installed
+    with pytest.raises(SpecError, match=r"^timm:resnet10t needs `pip install kdcache\[timm\]`$"):
+        build_model("timm:resnet10t", 10)
+    assert list_model_specs("resnet1*") and not any(n.startswith("timm:") for n in list_model_specs("resnet1*"))
+
+
+@needs_timm
+def test_timm_teacher_caches_and_timm_student_trains(tmp_path):
+    runner = CliRunner()
+    store = tmp_path / "timm.kdc"
+    res = runner.invoke(app, ["teach", "digits", "--teacher", TIMM_TEACHER, "--k", "4", "--out", str(store),
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    st = LogitStore.open(str(store))
+    assert st.teachers == ["test_resnet"]
+    attrs = st.teacher_attrs("test_resnet")
+    assert attrs["weights_sha256"] == state_dict_sha256(build_model(TIMM_TEACHER, 10, seed=0).state_dict())
+    res = runner.invoke(app, ["verify", str(store), "--teacher", TIMM_TEACHER, "--samples", "16", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", str(store), "--student", TIMM_STUDENT, "--loss", "kd", "--epochs", "1",
+                              "--max-steps-per-epoch", "2", "--batch-size", "32", "--device", "cpu",
+                              "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    trained = torch.load(run / "student.pt", weights_only=True)
+    init = build_model(TIMM_STUDENT, 10, seed=0).state_dict()
+    assert trained.keys() == init.keys()
+    assert any(not torch.equal(trained[k], init[k]) for k in init if init[k].is_floating_point())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import runner
 
 from kdcache.cli.main import app
 from kdcache.fidelity import gradient_error, record_error
@@ -23,7 +23,6 @@ from kdcache.sparse import SparseLogits
 from kdcache.stores.errors import SpecError, StoreError
 from kdcache.stores.logit_store import LogitStore
 
-runner = CliRunner()
 N = 2000
 TEMPS = (1.0, 4.0)
 
@@ -134,10 +133,8 @@ def test_errors_are_finite_for_sampled_and_kl_for_sparse():
 
 
 # ------------------------------------------------------------------------------------------ store
-def test_store_counts_validation(tmp_path):
-    st = LogitStore.create(str(tmp_path / "s.kdc"), labels=np.zeros(4, np.int64), views={}, num_views=1,
-                           attrs={}, manifest={"dataset_index": np.arange(4), "sample_id": [str(i) for i in range(4)],
-                                     "label": np.zeros(4, np.int64)})
+def test_store_counts_validation(tiny_store):
+    st = tiny_store
     st.add_teacher("t", num_classes=10, k=3, layout="sampled", temperatures=(1.0, 4.0))
     rec = {"values": np.zeros((4, 3)), "indices": np.zeros((4, 3), np.int64), "label_logit": np.zeros(4),
            "tail": np.zeros((4, 2))}

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, random_logits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,6 @@ from kdcache.sparse import SparseLogits, check_temperatures, kl_to_dense
 from kdcache.stores.errors import SpecError
 
 TEMPS = (1.0, 4.0)
-FAST = settings(max_examples=40, deadline=None)
 
 
 # ---------------------------------------------------------------- float64 numpy reference
@@ -57,14 +57,6 @@ def ref_kl(z: np.ndarray, log_q: np.ndarray, t: float) -> np.ndarray:
     return (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
 
 
-def make(seed: int, b: int, c: int, scale: float = 3.0, dtype=torch.float64):
-    """Random continuous logits (no ties) and random labels."""
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(b, c)) * scale
-    y = rng.integers(0, c, size=b)
-    return torch.tensor(z, dtype=dtype), torch.tensor(y)
-
-
 shapes = st.tuples(st.integers(0, 2**31 - 1), st.integers(1, 6), st.integers(2, 12), st.floats(0.3, 8.0))
 
 
@@ -74,7 +66,7 @@ shapes = st.tuples(st.integers(0, 2**31 - 1), st.integers(1, 6), st.integers(2, 
 def test_from_dense_fields_match_reference(shape, data):
     seed, b, c, scale = shape
     k = data.draw(st.integers(1, c))
-    z, y = make(seed, b, c, scale)
+    z, y = random_logits(seed, b, c, scale)
     rec = SparseLogits.from_dense(z, y, k, TEMPS)
     zn, yn = z.numpy(), y.numpy()
     assert rec.temperatures == TEMPS and rec.num_classes == c and len(rec) == b
@@ -91,7 +83,7 @@ def test_from_dense_fields_match_reference(shape, data):
 
 
 def test_float32_in_float32_out_and_half_widened():
-    z, y = make(0, 4, 9, dtype=torch.float32)
+    z, y = random_logits(0, 4, 9, dtype=torch.float32)
     rec = SparseLogits.from_dense(z, y, 3)
     assert rec.values.dtype == rec.label_logit.dtype == rec.tail_lse.dtype == torch.float32
     assert SparseLogits.from_dense(z.half(), y, 3).values.dtype == torch.float32
@@ -99,7 +91,7 @@ def test_float32_in_float32_out_and_half_widened():
 
 
 def test_temperatures_sorted_with_one_added():
-    z, y = make(0, 2, 5)
+    z, y = random_logits(0, 2, 5)
     assert SparseLogits.from_dense(z, y, 2, (4.0, 2.0, 4.0)).temperatures == (1.0, 2.0, 4.0)
     assert check_temperatures([]) == (1.0,)
 
@@ -110,7 +102,7 @@ def test_temperatures_sorted_with_one_added():
 def test_log_probs_and_logits_match_reference_float64(shape, data, t):
     seed, b, c, scale = shape
     k = data.draw(st.integers(1, c))
-    z, y = make(seed, b, c, scale)
+    z, y = random_logits(seed, b, c, scale)
     rec = SparseLogits.from_dense(z, y, k, TEMPS)
     want = ref_log_probs(z.numpy(), y.numpy(), k, t, TEMPS)
     np.testing.assert_allclose(rec.log_probs(t).numpy(), want, rtol=0, atol=1e-9)
@@ -128,7 +120,7 @@ def test_log_probs_and_logits_match_reference_float64(shape, data, t):
 def test_log_probs_match_reference_float32(shape, data, t):
     seed, b, c, scale = shape
     k = data.draw(st.integers(1, c))
-    z, y = make(seed, b, c, scale, dtype=torch.float32)
+    z, y = random_logits(seed, b, c, scale, dtype=torch.float32)
     rec = SparseLogits.from_dense(z, y, k, TEMPS)
     want = ref_log_probs(z.double().numpy(), y.numpy(), k, t, TEMPS)
     np.testing.assert_allclose(rec.log_probs(t).double().numpy(), want, rtol=0, atol=1e-4)
@@ -138,7 +130,7 @@ def test_log_probs_match_reference_float32(shape, data, t):
 @given(shapes, st.floats(0.05, 20.0))
 def test_k_equals_num_classes_is_exact_at_any_temperature(shape, t):
     seed, b, c, scale = shape
-    z, y = make(seed, b, c, scale, dtype=torch.float32)
+    z, y = random_logits(seed, b, c, scale, dtype=torch.float32)
     rec = SparseLogits.from_dense(z, y, c, TEMPS)
     assert torch.isneginf(rec.tail_lse).all()
     assert torch.equal(rec.logits(), z)
@@ -160,7 +152,7 @@ def test_tail_and_head_mass_exact_at_every_declared_temperature(shape, data):
     seed, b, c, scale = shape
     k = data.draw(st.integers(1, c))
     temps = (0.5, 1.0, 3.0, 4.0)
-    z, y = make(seed, b, c, scale, dtype=torch.float32)
+    z, y = random_logits(seed, b, c, scale, dtype=torch.float32)
     rec = SparseLogits.from_dense(z, y, k, temps)
     zn = z.double().numpy()
     for t in temps:
@@ -178,7 +170,7 @@ def test_tail_and_head_mass_exact_at_every_declared_temperature(shape, data):
 def test_kl_to_dense_matches_reference_and_is_nonnegative(shape, data, t):
     seed, b, c, scale = shape
     k = data.draw(st.integers(1, c))
-    z, y = make(seed, b, c, scale)
+    z, y = random_logits(seed, b, c, scale)
     rec = SparseLogits.from_dense(z, y, k, TEMPS)
     kl = kl_to_dense(z, rec, t)
     assert kl.dtype == torch.float64 and kl.shape == (b,)
@@ -191,7 +183,7 @@ def test_kl_to_dense_matches_reference_and_is_nonnegative(shape, data, t):
 @given(st.integers(0, 2**31 - 1), st.sampled_from([1.0, 4.0]), st.floats(0.5, 6.0))
 def test_kl_decreases_weakly_as_k_grows(seed, t, scale):
     c = 30
-    z, y = make(seed, 8, c, scale, dtype=torch.float32)
+    z, y = random_logits(seed, 8, c, scale, dtype=torch.float32)
     kls = torch.stack([kl_to_dense(z, SparseLogits.from_dense(z, y, k, TEMPS), t) for k in range(1, c + 1)])
     # log-sum inequality: dropping a class from a uniform-tail group never raises the KL.
     # float32 tail statistics: allow 1e-6 of slack per step.
@@ -200,7 +192,7 @@ def test_kl_decreases_weakly_as_k_grows(seed, t, scale):
 
 
 def test_kl_is_large_for_small_k_at_high_temperature():
-    z, y = make(1, 64, 100, scale=4.0, dtype=torch.float32)
+    z, y = random_logits(1, 64, 100, scale=4.0, dtype=torch.float32)
     k1, k50 = (kl_to_dense(z, SparseLogits.from_dense(z, y, k, TEMPS), 4.0).mean() for k in (1, 50))
     assert k1 > 10 * k50 > 0
 
@@ -208,14 +200,14 @@ def test_kl_is_large_for_small_k_at_high_temperature():
 # ---------------------------------------------------------------- validation and plumbing
 @pytest.mark.parametrize("k", [0, -1, 11, True, 2.0])
 def test_bad_k_is_a_spec_error(k):
-    z, y = make(0, 2, 10)
+    z, y = random_logits(0, 2, 10)
     with pytest.raises(SpecError, match=r"--k must be between 1 and 10 \(the number of classes\)"):
         SparseLogits.from_dense(z, y, k)
 
 
 @pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_temperature_is_a_spec_error(t):
-    z, y = make(0, 2, 10)
+    z, y = random_logits(0, 2, 10)
     with pytest.raises(SpecError, match="temperatures must be finite and > 0"):
         SparseLogits.from_dense(z, y, 3, (1.0, t))
     rec = SparseLogits.from_dense(z, y, 3)
@@ -225,7 +217,7 @@ def test_bad_temperature_is_a_spec_error(t):
 
 
 def test_tail_at_undeclared_temperature_is_refused_unless_rest_is_empty():
-    z, y = make(0, 3, 10)
+    z, y = random_logits(0, 3, 10)
     with pytest.raises(SpecError, match="no tail statistics at T=3"):
         SparseLogits.from_dense(z, y, 4, TEMPS).tail_at(3.0)
     assert torch.isneginf(SparseLogits.from_dense(z, y, 10).tail_at(3.0)).all()
@@ -235,7 +227,7 @@ def test_tail_at_undeclared_temperature_is_refused_unless_rest_is_empty():
 
 
 def test_index_concat_to_len():
-    z, y = make(3, 6, 9, dtype=torch.float32)
+    z, y = random_logits(3, 6, 9, dtype=torch.float32)
     rec = SparseLogits.from_dense(z, y, 4, TEMPS)
     parts = [rec.index(slice(0, 2)), rec.index(torch.tensor([2, 3])), rec.index(torch.arange(6) >= 4)]
     assert [len(p) for p in parts] == [2, 2, 2]
@@ -248,7 +240,7 @@ def test_index_concat_to_len():
 
 
 def test_constructor_checks_shapes():
-    z, y = make(0, 2, 6, dtype=torch.float32)
+    z, y = random_logits(0, 2, 6, dtype=torch.float32)
     rec = SparseLogits.from_dense(z, y, 3, TEMPS)
     with pytest.raises(ValueError, match="tail_lse"):
         SparseLogits(rec.values, rec.indices, rec.label_logit, rec.labels, rec.tail_lse[:, :1], TEMPS, 6)

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import zarr
+from helpers import empty_store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -373,10 +374,7 @@ def test_memory_url_and_nbytes(tmp_path):
 def test_block_stats_count_only_done_blocks(tmp_path):
     """Per-block sums survive resumes: they are stored with the block and read back only once done."""
     n = 300
-    store = LogitStore.create(tmp_path / "s.kdc", labels=np.zeros(n, dtype=np.int64), views={}, attrs={},
-                              manifest={"dataset_index": np.arange(n), "sample_id": [str(i) for i in range(n)],
-                                        "label": np.zeros(n, dtype=np.int32)},
-                              shard_rows=100, chunk_rows=100, num_views=1)
+    store = empty_store(tmp_path / "s.kdc", n=n, shard_rows=100, chunk_rows=100)
     store.add_teacher("t", num_classes=4, k=2, stats_names=("rows", "hits"))
     rec = {"values": np.tile([2.0, 1.0], (100, 1)), "indices": np.tile([0, 1], (100, 1)),
            "label_logit": np.full(100, 2.0), "tail": np.zeros((100, 1))}

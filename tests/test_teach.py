@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,42 +14,18 @@ import pytest
 import torch
 import torchvision
 import zarr
-from typer.testing import CliRunner
+from helpers import ROOT, TEACHER, assert_same_arrays, cli, runner, small_teach_args, store_arrays, teach, wait_for_done
 
 from kdcache.cli.main import app
 from kdcache.stores.logit_store import LogitStore
 from kdcache.verify import labelled_in_bf16, tolerance
 
-runner = CliRunner()
-TEACHER = "torchvision:resnet18:none"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def teach(*args: str):
-    return runner.invoke(app, ["teach", *args])
-
 
 def small_store(tmp_path: Path, *extra: str, name: str = "s.kdc") -> Path:
+    """The shared small run (helpers.SMALL_TEACH: 360 rows, 2 views, 3 shards) into tmp_path/name."""
     out = tmp_path / name
-    res = teach("digits", "--split", "test", "--teacher", TEACHER, "--k", "5", "--views", "2",
-                "--view-policy", "crop-flip", "--out", str(out), "--shard-rows", "128", "--chunk-rows", "64",
-                "--batch-size", "50", *extra)
+    res = cli(*small_teach_args(out, "--batch-size", "50", *extra))
     assert res.exit_code == 0, res.output
-    return out
-
-
-def arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array in a store, by path, for equality checks between runs."""
-    group = zarr.open_group(str(path), mode="r")
-    out = {}
-    for name, arr in group.arrays():
-        out[name] = arr[...]
-    for sub_name, sub in group.groups():
-        for name, arr in sub.arrays():
-            out[f"{sub_name}/{name}"] = arr[...]
-        for tname, tgroup in sub.groups():
-            for name, arr in tgroup.arrays():
-                out[f"{sub_name}/{tname}/{name}"] = arr[...]
     return out
 
 
@@ -103,31 +78,15 @@ def test_two_teachers_share_views(tmp_path):
 
 def test_rerun_resumes_and_other_command_is_refused(tmp_path):
     out = small_store(tmp_path)
-    before = arrays(out)
+    before = store_arrays(out)
     again = small_store(tmp_path)  # same command: nothing left to do, nothing changes
-    after = arrays(again)
+    after = store_arrays(again)
     assert before.keys() == after.keys()
     for key in before:
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
-    res = teach("digits", "--split", "test", "--teacher", TEACHER, "--k", "5", "--views", "3",
-                "--view-policy", "crop-flip", "--out", str(out), "--shard-rows", "128", "--chunk-rows", "64")
+    res = cli(*small_teach_args(out, "--views", "3"))
     assert res.exit_code == 2
     assert "--overwrite" in res.output
-
-
-def _wait_for_done(store_dir: Path, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError("teach finished before it could be killed; make the run longer")
-        try:
-            done = LogitStore.open(str(store_dir)).done("resnet18")
-            if done.sum() >= at_least:
-                return
-        except Exception:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("no progress")
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
@@ -136,7 +95,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     killed = tmp_path / "killed.kdc"
     cmd = [sys.executable, "-m", "kdcache.cli", *args, "--out", str(killed)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_done(killed, 3, proc)
+    wait_for_done(killed, 3, proc, timeout=120)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = LogitStore.open(str(killed)).done("resnet18")
@@ -146,10 +105,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     clean = tmp_path / "clean.kdc"
     res = runner.invoke(app, [*args, "--out", str(clean)])
     assert res.exit_code == 0, res.output
-    a, b = arrays(killed), arrays(clean)
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert_same_arrays(killed, clean)
     assert LogitStore.open(str(killed)).verify() == []
 
 

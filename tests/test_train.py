@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from kdcache.cli.main import app
 from kdcache.corrections import apply_correction
+from kdcache.models import build_model
 from kdcache.soft_labels import SoftLabels
 from kdcache.stores.logit_store import LogitStore
 from kdcache.teach import TeachConfig, run_teach
@@ -78,8 +79,9 @@ def test_resume_continues_to_the_uninterrupted_result(tmp_path, topk_store):
 def test_every_loss_trains_from_a_topk_store(tmp_path, topk_store, loss):
     with pytest.warns(UserWarning) if loss in ("ttm", "wttm") else _nothing():
         metrics, weights = train(tmp_path, topk_store, loss, loss=loss)
-    assert np.isfinite(metrics[-1]["train_loss"])
-    assert 0.0 <= metrics[-1]["test_top1"] <= 1.0
+    assert np.isfinite(metrics[-1]["train_loss"]) and metrics[-1]["train_loss"] > 0
+    init = build_model("small_cnn", 10, seed=0).state_dict()
+    assert max_diff(weights, init) > 1e-3, "the loss must train the student"
 
 
 class _nothing:
@@ -242,27 +244,6 @@ def test_a_store_that_lost_its_label_logits_is_refused(tmp_path, dense_store):
         line = one_error_line(runner.invoke(app, ["train", str(damaged), "--student", "small_cnn", "--loss", loss,
                                                   "--out", str(tmp_path / loss)]))
         assert "missing array 'label_logit'" in line and "kdcache verify" in line
-
-
-def test_the_stream_reader_stops_when_the_consumer_does(topk_store):
-    """A run capped by --max-steps-per-epoch reads a few batches of each epoch: the reader thread of the
-    unfinished epoch must end, not stay blocked holding its buffers."""
-    import threading
-    import time
-
-    def readers() -> int:
-        return sum(t.name == "kdcache-soft-labels" and t.is_alive() for t in threading.enumerate())
-
-    before = readers()
-    soft = SoftLabels(LogitStore.open(str(topk_store)), "resnet18", preload="no", buffer_chunks=1)
-    for epoch in (1, 2, 3):
-        batches = soft.batches(soft.order(epoch=epoch), 16)
-        next(batches)
-        batches.close()
-    deadline = time.monotonic() + 5
-    while readers() > before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert readers() == before
 
 
 def test_the_default_lr_is_the_losss_paper_setting(tmp_path, topk_store):
