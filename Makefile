@@ -25,10 +25,12 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/teach.py --out benchmarks/teach.json
+	$(BIN)/python benchmarks/record_path.py --out benchmarks/record_path.json
 	$(BIN)/python benchmarks/train.py --out benchmarks/train.json
 	$(BIN)/python benchmarks/fidelity.py --out benchmarks/fidelity.json
 	$(BIN)/python benchmarks/scaling.py --out benchmarks/scaling.json
 	$(BIN)/python benchmarks/loader.py --out benchmarks/loader.json
+	$(BIN)/python benchmarks/imagenet_scale.py --out benchmarks/imagenet_scale.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,7 +8,11 @@ and a stage-two image epoch (``kdcache.CachedLoader``) against a plain torchvisi
    the ratio is per repeat (stream rows/s / memmap rows/s of the same order), then median and range.
 2. **Growth.** Streamed rows/s and peak RSS above imports (VmHWM minus the RSS right after
    the imports, fresh subprocess per size) at 10k, 100k and 1M rows, two epochs each.
-3. **Image epoch.** A JPEG ImageFolder drawn with PIL (made once in the cache dir), cached by
+3. **Checks.** What the checked reads cost (``LogitStore.read_block(checked=True)``: every block done and
+   matching its crc32, checked whole on first touch): on the largest growth store, one streamed epoch with
+   checks against one without, each from a fresh store instance (the first epoch pays for the checks),
+   then a second epoch on the same instances (blocks already checked), interleaved; ratio per repeat.
+4. **Image epoch.** A JPEG ImageFolder drawn with PIL (made once in the cache dir), cached by
    ``kdcache teach`` (tiny_cnn, rrc-flip, 2 views, 112 px), then epochs 1 (construction included)
    and 2 of ``CachedLoader`` against ImageFolder + RandomResizedCrop(112) + flip + normalise in a
    ``DataLoader`` (same batch, workers, shuffle, persistent workers), interleaved, workers 1 and 2.
@@ -32,19 +36,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from machine import machine_info  # benchmarks/machine.py
+from machine import finish, machine_info  # benchmarks/machine.py
 
 from kdcache.soft_labels import SoftLabels
 from kdcache.sparse import SparseLogits
 from kdcache.stores.logit_store import LogitStore
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = {"stream_over_memmap": 1.0, "preload_rows_per_s": 2_000_000, "image_epoch_ratio": 0.95}
+TARGETS = {"stream_over_memmap": 1.0, "preload_rows_per_s": 2_000_000, "image_epoch_ratio": 0.95,
+           "checked_over_unchecked": 0.9}
 TEMPERATURES = (1.0, 4.0)
 FULL = {"serve_rows": 50_000, "growth_rows": [10_000, 100_000, 1_000_000], "repeats": 11, "chunk_rows": 8192,
-        "images": 3000, "image_workers": [1, 2], "image_repeats": 3}
+        "images": 3000, "image_workers": [1, 2], "image_repeats": 3, "checks_repeats": 15}
 QUICK = {"serve_rows": 6_000, "growth_rows": [2_000, 8_000], "repeats": 2, "chunk_rows": 1024,
-         "images": 300, "image_workers": [1], "image_repeats": 1}
+         "images": 300, "image_workers": [1], "image_repeats": 1, "checks_repeats": 2}
 
 
 def log(msg: str) -> None:
@@ -248,6 +253,45 @@ def growth(cfg: dict, work: Path, batch_size: int) -> list[dict[str, Any]]:
     return out
 
 
+# ---------------------------------------------------------------------------------------- checks
+
+
+def checks(cfg: dict, work: Path, batch_size: int) -> dict[str, Any]:
+    """Streamed rows/s with and without the checks, first epoch (fresh instance) and second, interleaved.
+
+    Rows per wall second and per CPU second of the process (both threads): on a shared machine the CPU
+    rate is the steadier one. The best (least disturbed) repeat of each is kept next to the medians."""
+    n = cfg["growth_rows"][-1]
+    path = work / f"growth-{n}.kdc"  # built by growth()
+    runs = [(ep, clock, how) for ep in ("first", "second") for clock in ("wall", "cpu")
+            for how in ("checked", "unchecked")]
+    rates: dict[tuple[str, str, str], list[float]] = {run: [] for run in runs}
+    for rep in range(cfg["checks_repeats"]):
+        for checked in ([True, False] if rep % 2 == 0 else [False, True]):  # alternate who goes first
+            soft = SoftLabels(LogitStore.open(path), "t", preload="no", checked=checked)
+            how = "checked" if checked else "unchecked"
+            for ep, epoch in (("first", 1), ("second", 2)):
+                cpu = time.process_time()
+                seconds, rows = serve_soft(soft, soft.order(epoch), batch_size)
+                rates[ep, "wall", how].append(rows / seconds)
+                rates[ep, "cpu", how].append(rows / max(time.process_time() - cpu, 1e-9))
+        log(f"  checks repeat {rep}: " + ", ".join(
+            f"{ep} epoch cpu rows/s checked {rates[ep, 'cpu', 'checked'][-1]:,.0f} unchecked "
+            f"{rates[ep, 'cpu', 'unchecked'][-1]:,.0f}" for ep in ("first", "second")))
+    store = LogitStore.open(path)
+    out: dict[str, Any] = {"rows": n, "shards": store.num_shards, "shard_rows": store.shard_rows,
+                           "chunk_rows": store.chunk_rows, "repeats": cfg["checks_repeats"]}
+    for ep in ("first", "second"):
+        out[f"{ep}_epoch"] = {}
+        for clock in ("wall", "cpu"):
+            c, u = rates[ep, clock, "checked"], rates[ep, clock, "unchecked"]
+            out[f"{ep}_epoch"][clock] = {
+                "rows_per_s": {"checked": spread(c), "unchecked": spread(u)},
+                "checked_over_unchecked": spread([a / b for a, b in zip(c, u, strict=True)]),
+                "best_over_best": max(c) / max(u)}
+    return out
+
+
 # ---------------------------------------------------------------------------------------- images
 
 
@@ -374,6 +418,16 @@ def markdown(res: dict[str, Any]) -> str:
         *(f"| `{name}` | {s['preload_gather']['cycle'][name]['median']:,.0f} | "
           f"{s['preload_gather']['random'][name]['median']:,.0f} |" for name in s["preload_gather"]["cycle"]),
         "",
+        f"| checks ({res['checks']['rows']:,} rows, {res['checks']['shards']} shards) | clock | checked rows/s "
+        "| unchecked rows/s | checked / unchecked: median (min–max) | best / best |",
+        "|---|---|---:|---:|---:|---:|",
+        *(f"| {ep} epoch | {clock} | {c['rows_per_s']['checked']['median']:,.0f} | "
+          f"{c['rows_per_s']['unchecked']['median']:,.0f} | {c['checked_over_unchecked']['median']:.2f} "
+          f"({c['checked_over_unchecked']['min']:.2f}–{c['checked_over_unchecked']['max']:.2f}) | "
+          f"{c['best_over_best']:.2f} |"
+          for ep in ("first", "second") for clock in ("wall", "cpu")
+          for c in [res["checks"][f"{ep}_epoch"][clock]]),
+        "",
         "| rows | streamed rows/s (epoch 1, 2) | peak RSS above imports | above a warm start |",
         "|---:|---:|---:|---:|",
         *(f"| {g['rows']:,} | {g['rows_per_s'][0]:,.0f}, {g['rows_per_s'][1]:,.0f} | "
@@ -426,16 +480,12 @@ def main(argv=None) -> dict[str, Any]:
     result["serving"] = serving(cfg, cache, args.batch_size)
     log("growth: streamed serving by store size (fresh process each)")
     result["growth"] = growth(cfg, cache, args.batch_size)
+    log("checks: streamed serving with and without the block checks (interleaved)")
+    result["checks"] = checks(cfg, cache, args.batch_size)
     if not args.no_images:
         log("images: CachedLoader vs torchvision ImageFolder DataLoader (interleaved)")
         result["images"] = images(cfg, cache, args.batch_size)
-    result["wall_s"] = time.perf_counter() - t_start
-    result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    print(markdown(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        log(f"wrote {args.out} ({result['wall_s']:.0f} s)")
-    return result
+    return finish(result, args.out, markdown, t_start, log)
 
 
 if __name__ == "__main__":

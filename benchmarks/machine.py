@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,3 +36,16 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
             info["gpu"] = torch.cuda.get_device_name(device)
             info["cuda"] = torch.version.cuda
     return info
+
+
+def finish(result: dict[str, Any], out: str | None, markdown: Callable[[dict[str, Any]], str], t_start: float,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Close a benchmark run: wall time and load average in the JSON, the RESULTS.md tables on stdout,
+    the JSON written to ``out`` (when given)."""
+    result["wall_s"] = time.perf_counter() - t_start
+    result["machine"]["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    print(markdown(result))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {out} ({result['wall_s']:.0f} s)")
+    return result

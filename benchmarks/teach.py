@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import importlib
-import json
 import os
 import pstats
 import shutil
@@ -37,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from machine import machine_info  # benchmarks/machine.py
+from machine import finish, machine_info  # benchmarks/machine.py
 
 from kdcache.corrections import apply_correction
 from kdcache.models import build_teacher
@@ -47,18 +46,19 @@ from kdcache.stores import format as fmt
 from kdcache.stores.logit_store import LogitStore
 from kdcache.teach import (
     Job,
+    RecordPath,
     TeachConfig,
     Writer,
-    block_stats,
     label_blocks,
+    make_record,
     open_store_for,
     pending_blocks,
     prepare,
     record_layout,
     record_to_numpy,
-    sparse_record,
     stats_names,
     teacher_name,
+    top1_hits,
 )
 
 teach_mod = importlib.import_module("kdcache.teach")  # the module (kdcache.teach is also the function)
@@ -261,7 +261,9 @@ def overhead_profile(job: Job, src: Source, stores: Stores, top: int) -> dict[st
         "make_record": getattr(teach_mod, "make_record", None),
         "sparse_record": getattr(teach_mod, "sparse_record", None),
         "apply_correction": getattr(teach_mod, "apply_correction", None),
-        "block_stats": getattr(teach_mod, "block_stats", None),
+        "top1_hits": getattr(teach_mod, "top1_hits", None),
+        "RecordPath.add (record + stats)": getattr(getattr(teach_mod, "RecordPath", None), "add", None),
+        "RecordPath.result (block + error flush)": getattr(getattr(teach_mod, "RecordPath", None), "result", None),
         "SparseLogits.concat": SparseLogits.concat,
         "record_to_numpy": getattr(teach_mod, "record_to_numpy", None),
         "bind_teacher": getattr(teach_mod, "bind_teacher", None),
@@ -300,7 +302,7 @@ def component_timers(job: Job, src: Source, stores: Stores) -> dict[str, Any]:
         bind(store, t)
     corr_args = cfg.resolved_correction_args()
     acc = dict.fromkeys(("loader_s", "forward_s", "correction_s", "record_s", "stats_s"), 0.0)
-    blocks: dict[tuple[int, int], list] = {}
+    paths: dict[tuple[int, int], RecordPath] = {}  # one per block: label_blocks' record path, taken apart
 
     def tick(key: str, t0: float) -> float:
         sync(dev)
@@ -324,20 +326,24 @@ def component_timers(job: Job, src: Source, stores: Stores) -> dict[str, Any]:
             t0 = tick("forward_s", t0)
             corrected = apply_correction(cfg.correction, raw, y, **corr_args)
             t0 = tick("correction_s", t0)
-            rec = sparse_record(corrected, y, t.k, cfg.temperatures)
+            rec = make_record(t, corrected, y, view, row, cfg)
             t0 = tick("record_s", t0)
-            stats = block_stats(raw, corrected, rec, y, cfg.temperatures)
+            shard = int(row[0]) // store.shard_rows
+            path = paths.setdefault((int(view[0]), shard), RecordPath(store, t, cfg))
+            path.hits.append(top1_hits(raw, corrected, y, rec))  # RecordPath.add after the record
+            path.rows += len(y)
+            if corrected is not raw:
+                path.changed.append((corrected != raw).any(1).sum())
+            path.errors.add(corrected, rec, int(row[0]) - store.shard_bounds(shard)[0])
+            path.records.append(rec)
             t0 = tick("stats_s", t0)
-            blocks.setdefault((int(view[0]), int(row[0]) // store.shard_rows), []).append((rec, stats))
             t0 = time.perf_counter()
     to_numpy, write = [], []
     for v, s in src.todo:
-        recs, stats = zip(*blocks[(v, s)], strict=True)
         t0 = time.perf_counter()
-        record = record_to_numpy(SparseLogits.concat(list(recs)), t.layout)
-        st = torch.stack(stats).sum(0).cpu().numpy()
+        result = paths[(v, s)].result(v, s)  # concat, copy to numpy, the error sample's last flush
         t1 = time.perf_counter()
-        store.write_block(t.name, v, s, record, stats=st)
+        store.write_block(t.name, v, s, result.record, stats=result.stats)
         to_numpy.append(t1 - t0)
         write.append(time.perf_counter() - t1)
     stores.drop(store)
@@ -450,6 +456,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--encoding", default="float16", choices=("float16", "uint8"), help="encoding of the timed store")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: the dataset's; imagefolder 224)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: what teach picks)")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA (both loops)")
     p.add_argument("--repeats", type=int, default=11, help="interleaved (bare, teach) pairs")
@@ -474,7 +481,8 @@ def main(argv=None) -> dict[str, Any]:
     views: int | str = args.views if args.views == "all" else int(args.views)
     cfg = TeachConfig(dataset=args.dataset, split=args.split, teachers=[args.teacher], out="", k=args.k,
                       encoding=args.encoding, views=views, view_policy=args.view_policy, seed=args.seed,
-                      batch_size=args.batch_size, workers=args.workers, device=args.device, amp=not args.no_amp)
+                      batch_size=args.batch_size, workers=args.workers, device=args.device, amp=not args.no_amp,
+                      image_size=args.image_size)
     job = prepare(cfg)  # validates cfg (temperatures become the stored tuple), loads data and teacher
     tmp = None
     if args.workdir:
@@ -535,13 +543,7 @@ def main(argv=None) -> dict[str, Any]:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    result["wall_s"] = time.perf_counter() - t_start
-    result["machine"]["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    print(markdown(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        log(f"wrote {args.out} ({result['wall_s']:.0f} s)")
-    return result
+    return finish(result, args.out, markdown, t_start, log)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -31,8 +31,9 @@ from kdcache.train import TrainConfig, run_train  # noqa: E402
 def student_throughput(args, work: Path) -> dict:
     """rows/s of the same student step with ce (no soft labels), kd from the cache, kd with a live teacher."""
     store = work / "bench.kdc"
-    run_teach(TeachConfig(dataset=args.dataset, teachers=[args.teacher], out=str(store), k=args.k, views=2,
-                          view_policy="crop-flip", device=args.device, overwrite=True))
+    k = int(args.k) if args.k.isdigit() else args.k  # "all", "auto", "sampled:S" stay strings
+    run_teach(TeachConfig(dataset=args.dataset, teachers=[args.teacher], out=str(store), k=k, views=2,
+                          view_policy="crop-flip", device=args.device, overwrite=True, image_size=args.image_size))
     runs = {"ce": dict(loss="ce"), "kd_cache": dict(loss="kd"),
             "kd_online": dict(loss="kd", online_teacher=args.teacher)}
     rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -98,6 +99,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--serve-rows", type=int, default=262_144)
     p.add_argument("--device", default="auto")
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: the dataset's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for the student runs: on a shared 2-core box a 2-thread process stalls "
                         "whenever a neighbour holds a core, so 1 gives ratios that measure kdcache")

@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import sys
 import tomllib
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer 0.29 vendors click
+from typer.core import TyperGroup
 
-from kdcache.progress import rows_progress
+from kdcache.progress import EpochProgress, rows_progress
 from kdcache.stores.errors import KdcacheError
 
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage mistakes (an unknown option, ``--epochs abc``, a missing ``--teacher``) print one line and exit 2,
+    like every other bad input, instead of click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as err:  # plain `kdcache`: the help, as before
+            typer.echo(err.ctx.get_help() if err.ctx else str(err))
+            sys.exit(2)
+        except UsageError as err:
+            where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+            typer.echo(f"error: {err.format_message()}{where}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="kdcache",
     help="Cache teacher logits once (stage one: `teach`), train many students from the cache "
     "(stage two: `train`). Run `kdcache COMMAND --help` for each command.",
@@ -37,11 +65,21 @@ def show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """A warning is one line, `warning: ...` on stderr, not Python's file:line report with a source line."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_args, **_kw: typer.echo(f"warning: {message}", err=True)
+        yield
+
+
 @app.callback()
 def app_options(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=show_version)] = False,
 ) -> None:
     """Options that come before the command (`kdcache --version`)."""
+    ctx.with_resource(one_line_warnings())
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -58,23 +96,93 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def fail(message: str) -> NoReturn:
+    """One `error:` line and exit 2, where no KdcacheError can be raised (option callbacks)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+# Keys of a run's OUT/config.json (kdcache.train.TrainConfig fields) that are not option names.
+CORRECTION_ARG_OPTIONS = {"alpha": "loca_alpha", "temperature": "loca_temperature"}
+NOT_FROM_A_RUN = ("resume", "overwrite")  # what an invocation does, not what the run was: never read from JSON
+COMMANDS = ("teach", "train", "inspect", "verify", "repair", "demo", "list")  # tables other commands read
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A config file's mapping: JSON by extension (a run's config.json), else TOML."""
+    try:
+        text = Path(path).read_text()
+        data = json.loads(text) if Path(path).suffix.lower() == ".json" else tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, TOMLDecodeError are ValueErrors
+        fail(f"cannot read config {path}: {err}; pass a TOML file or a run's config.json")
+    if not isinstance(data, dict):
+        fail(f"config {path} holds a {type(data).__name__}; expected a table of option names")
+    return data
+
+
+def config_defaults(section: dict[str, Any], known: set[str], command: str, path: Path,
+                    from_run: bool) -> dict[str, Any]:
+    """Option defaults (param name -> value) from a config's keys; an unknown key is refused, naming the closest
+    option. TrainConfig's own names map to options: loss_args -> --loss-arg, correction_args -> --loca-*,
+    milestones (a list) -> --milestones, source -> the SOURCE argument."""
+    import difflib
+
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        name = key.replace("-", "_")
+        if value is None or (from_run and name in NOT_FROM_A_RUN) or isinstance(value, dict) and name in COMMANDS:
+            continue  # unset, an action of the invocation, or another command's table
+        if name == "loss_args" and "loss_arg" in known and isinstance(value, dict):
+            out["loss_arg"] = [f"{k}={v}" for k, v in value.items()]
+        elif name == "correction_args" and isinstance(value, dict):
+            for arg, v in value.items():
+                if arg not in CORRECTION_ARG_OPTIONS:
+                    fail(f"config {path}: unknown correction arg '{arg}' in correction_args; expected "
+                         f"{' or '.join(CORRECTION_ARG_OPTIONS)} (--loca-alpha, --loca-temperature)")
+                out[CORRECTION_ARG_OPTIONS[arg]] = v
+        elif name == "milestones" and isinstance(value, list):
+            out[name] = ",".join(str(v) for v in value)
+        elif name in known:
+            out[name] = value
+        elif from_run and name in train_config_fields():
+            continue  # a field of the run with no option (documented in README, "Stage two")
+        else:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = (f"did you mean '{close[0]}' (--{close[0].replace('_', '-')})?" if close
+                    else f"`kdcache {command} --help` lists the options")
+            fail(f"config {path}: unknown key '{key}' for `kdcache {command}`; {hint}")
+    return out
+
+
+def train_config_fields() -> set[str]:
+    from dataclasses import fields
+
+    from kdcache.train import TrainConfig
+
+    return {f.name for f in fields(TrainConfig)}
+
+
 def load_config(ctx: typer.Context, param: typer.CallbackParam, path: Path | None) -> Path | None:
-    """`--config FILE.toml` fills option defaults; flags on the command line still win."""
+    """`--config FILE` (TOML, or JSON such as a run's OUT/config.json) fills option defaults; flags on the
+    command line still win. A `[teach]` / `[train]` table, when present, is used for that command."""
     if path is None:
         return None
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise typer.BadParameter(f"cannot read config {path}: {err}") from None
+    data = read_config(path)
     section = data.get(ctx.info_name, data)
-    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in section.items()}}
+    if not isinstance(section, dict):
+        fail(f"config {path}: '{ctx.info_name}' must be a table of option names")
+    known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    from_run = Path(path).suffix.lower() == ".json"
+    defaults = config_defaults(section, known, ctx.info_name or "", Path(path), from_run)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return path
 
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", help="TOML file whose keys (option names, or a \\[teach] or \\[train] table) "
-                 "become defaults.", is_eager=True, callback=load_config),
+    typer.Option("--config", help="TOML, or a run's config.json: keys are option names (or a \\[teach] / "
+                 "\\[train] table); flags win.", is_eager=True, callback=load_config, rich_help_panel="Run",
+                 show_default=False),
 ]
 
 
@@ -88,6 +196,16 @@ def parse_k(value: str) -> int | str:
 
 def parse_views(value: str) -> int | str:
     return value if value == "all" else _int(value, "--views", "an integer or 'all'")
+
+
+def parse_ints(value: str | None, flag: str) -> tuple[int, ...] | None:
+    """Comma-separated integers (--milestones 150,180,210); None stays None (the default)."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip()) or None
+    except ValueError:
+        raise KdcacheError(f"{flag} takes comma-separated integers like 150,180,210; got '{value}'") from None
 
 
 def parse_floats(value: str, flag: str) -> tuple[float, ...]:
@@ -110,42 +228,44 @@ def _int(value: str, flag: str, expected: str) -> int:
 @app.command()
 @user_errors
 def teach(
-    dataset: Annotated[str, typer.Argument(help="digits | mnist5k | mnist-pairs | torchvision:<Name>[?root=..&download=1] | imagefolder:PATH")],
-    teacher: Annotated[list[str], typer.Option("--teacher", "-t", help="torchvision:<arch>[:<WEIGHTS>|none], timm:<name>[:pretrained] (pip install kdcache[timm]), <arch>@state_dict.pt, or package.module:factory. Repeat for several teachers over the same views.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Store: a directory path (created) or an fsspec URL (file://, s3://, gs://; memory:// in-process only).")],
+    dataset: Annotated[str, typer.Argument(help="digits | mnist5k | mnist-pairs | torchvision:NAME | imagefolder:PATH (`kdcache list datasets`).", show_default=False)],
+    *,
+    teacher: Annotated[list[str], typer.Option("--teacher", "-t", metavar="SPEC", help="torchvision:ARCH[:WEIGHTS] (:none: random), timm:NAME, ARCH@weights.pt or module:factory; repeat for several.", rich_help_panel="Teacher", show_default=False)],
+    image_size: Annotated[int | None, typer.Option(help="Teacher input size, 1..4096 (default: the dataset's; imagefolder 224).", rich_help_panel="Teacher", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Teacher batch size.", rich_help_panel="Teacher")] = 256,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel="Teacher")] = "auto",
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on GPU (logits are taken in fp32).", rich_help_panel="Teacher")] = True,
+    k: Annotated[str, typer.Option("--k", help="Record per row: N (top-N + tail), all (dense), auto (smallest N within --max-kl) or sampled:S. README: Choosing a record.", rich_help_panel="Record")] = "10",
+    temperatures: Annotated[str, typer.Option(help="Temperatures students will train at (the tail is exact at each).", rich_help_panel="Record")] = "1,4",
+    max_kl: Annotated[float, typer.Option("--max-kl", help="--k auto: the error budget, mean KL(dense || record) per row in nats.", rich_help_panel="Record")] = 1e-3,
+    proposal_temperature: Annotated[float | None, typer.Option(help="--k sampled:S: the temperature classes are drawn at (default: the largest).", rich_help_panel="Record", show_default=False)] = None,
+    encoding: Annotated[str, typer.Option(help="float16, or uint8 (quantised per row: offset + scale).", rich_help_panel="Record")] = "float16",
+    correction: Annotated[str, typer.Option(help="none | swap | sort | loca: a label-aware correction applied before caching.", rich_help_panel="Record")] = "none",
+    loca_alpha: Annotated[float | None, typer.Option(help="LoCa alpha in (0, 1).", rich_help_panel="Record", show_default=False)] = None,
+    loca_temperature: Annotated[float | None, typer.Option(help="Temperature LoCa calibrates at.", rich_help_panel="Record", show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="Dataset split to cache.", rich_help_panel="Views")] = "train",
+    views: Annotated[str, typer.Option(help="Augmented views per row (at most 10000), or all (crop-flip: 162).", rich_help_panel="Views")] = "1",
+    view_policy: Annotated[str, typer.Option(help="identity | crop-flip | rrc-flip.", rich_help_panel="Views")] = "identity",
+    seed: Annotated[int, typer.Option(help="Seeds the row order, the views and random (:none) teacher weights.", rich_help_panel="Views")] = 0,
+    out: Annotated[str, typer.Option("--out", "-o", help="Store: a directory (created) or an fsspec URL (s3://, gs://, file://).", rich_help_panel="Run", show_default=False)],
     config: ConfigOption = None,
-    split: Annotated[str, typer.Option(help="Dataset split to cache.")] = "train",
-    k: Annotated[str, typer.Option("--k", help="Record per row: an integer N (top-N logits + label logit + tail logsumexp at each T), 'all' (dense), 'auto' (smallest N with mean KL(dense||record) <= --max-kl at every --temperatures, measured on the first 4096 rows of view 0; else dense), or 'sampled:S' (S classes drawn from the teacher at --proposal-temperature, stored with counts: unbiased, 1 <= S <= 255).")] = "10",
-    temperatures: Annotated[str, typer.Option(help="Temperatures students will train at; the tail statistics are exact at each.")] = "1,4",
-    max_kl: Annotated[float, typer.Option("--max-kl", help="--k auto: error budget, mean KL(dense || record) in nats per row, met at every declared temperature.")] = 1e-3,
-    proposal_temperature: Annotated[float | None, typer.Option(help="--k sampled:S: the declared temperature whose teacher distribution the classes are drawn from (default: the largest of --temperatures).")] = None,
-    encoding: Annotated[str, typer.Option(help="float16, or uint8 quantised per row (offset + scale): 1 byte per value plus 8 per row, so smaller only for dense or large-k records (benchmarks/RESULTS.md).")] = "float16",
-    views: Annotated[str, typer.Option(help="Augmented views per row, or 'all' (crop-flip: 162).")] = "1",
-    view_policy: Annotated[str, typer.Option(help="identity | crop-flip | rrc-flip.")] = "identity",
-    image_size: Annotated[int | None, typer.Option(help="Teacher input size (default: the dataset's, 224 for imagefolder).")] = None,
-    correction: Annotated[str, typer.Option(help="none | swap (SLD) | sort (SortKD) | loca (LoCa, unverified: no official code, see README): label-aware teacher correction applied before caching.")] = "none",
-    loca_alpha: Annotated[float | None, typer.Option(help="LoCa alpha in (0, 1).")] = None,
-    loca_temperature: Annotated[float | None, typer.Option(help="Temperature LoCa calibrates at.")] = None,
-    seed: Annotated[int, typer.Option(help="Seeds the row order, the views and random (:none) teacher weights.")] = 0,
-    shard_rows: Annotated[int, typer.Option(help="Rows per shard: the unit of writing and resuming.")] = 65536,
-    chunk_rows: Annotated[int, typer.Option(help="Rows per chunk: the unit of reading.")] = 8192,
-    batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 256,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: 0 for in-memory data, else cores-1).")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    amp: Annotated[bool, typer.Option(help="bf16 autocast on GPU (logits are taken in fp32).")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store made by a different command.")] = False,
-    cluster: Annotated[str | None, typer.Option(help="Run on dask: local:N starts N worker processes here, one per GPU (LocalCUDACluster when dask-cuda is installed), one block per task.")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="Run on an existing dask cluster, e.g. tcp://HOST:8786; every worker must reach --out (shared disk or s3://, gs://). See docs/scaling.md.")] = None,
-    break_lock: Annotated[bool, typer.Option(help="Remove another driver's lock on --out first. Only when that driver is gone (a stale lock from this host is taken over automatically).")] = False,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: 0 for in-memory data, else cores-1).", rich_help_panel="Run", show_default=False)] = None,
+    shard_rows: Annotated[int, typer.Option(help="Rows per shard: the unit of writing and resuming.", rich_help_panel="Run")] = 65536,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per chunk: the unit of reading.", rich_help_panel="Run")] = 8192,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made by a different command.", rich_help_panel="Run")] = False,
+    cluster: Annotated[str | None, typer.Option(help="local:N: N dask worker processes here, one per GPU.", rich_help_panel="Scale-out", show_default=False)] = None,
+    scheduler: Annotated[str | None, typer.Option(help="A running dask cluster, e.g. tcp://HOST:8786 (docs/scaling.md).", rich_help_panel="Scale-out", show_default=False)] = None,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help="Remove another driver's lock on --out first (only when it is gone).", rich_help_panel="Scale-out")] = False,
+    profile: Annotated[Path | None, typer.Option("--profile", metavar="FILE.json", help="Also write rows/s and the time waiting for the loader, teacher and writer as JSON (single-process runs).", rich_help_panel="Run", show_default=False)] = None,
 ) -> None:
     """Stage one: run teacher(s) over views of DATASET and cache compact records in a Zarr store.
 
-    Re-running the same command resumes: finished shards are skipped, unfinished ones redone.
-    --out may be a path or an fsspec URL (file://, s3://, gs://, memory:// in-process only). One
-    driver at a time per store: a second one is refused, naming the holder of <out>/kdcache.lock.
+    Re-running the same command resumes (also after Ctrl-C): finished shards are skipped, unfinished ones redone. One driver at a time per store: a second one is refused, naming the holder of OUT/kdcache.lock.
     """
-    from kdcache.teach import TeachConfig, run_teach
+    from kdcache.teach import TeachConfig, Throughput, report_throughput, run_teach
 
+    if profile is not None and (cluster is not None or scheduler is not None):
+        raise KdcacheError("--profile measures a single-process run; drop it, or --cluster/--scheduler")
     corr_args: dict[str, Any] = {}
     if loca_alpha is not None:
         corr_args["alpha"] = loca_alpha
@@ -159,15 +279,18 @@ def teach(
         batch_size=batch_size, workers=workers, device=device, amp=amp, overwrite=overwrite,
         break_lock=break_lock,
     )
-    if cluster is not None or scheduler is not None:
-        from kdcache.distributed import run_teach_distributed
+    with interrupted("interrupted; finished blocks are kept: the same command resumes", again()):
+        if cluster is not None or scheduler is not None:
+            from kdcache.distributed import run_teach_distributed
 
-        with rows_progress("teach (dask)") as report:
-            store = run_teach_distributed(cfg, cluster=cluster, scheduler=scheduler, progress=report,
-                                          log=console.print)
-    else:
-        with rows_progress("teach") as report:
-            store = run_teach(cfg, progress=report)
+            with rows_progress("teach (dask)") as report:
+                store = run_teach_distributed(cfg, cluster=cluster, scheduler=scheduler, progress=report,
+                                              log=console.print)
+        else:
+            throughput = Throughput()
+            with rows_progress("teach") as report:
+                store = run_teach(cfg, progress=report, throughput=throughput)
+            report_throughput(throughput, cfg, profile, echo=console.print)
     from kdcache.describe import describe
 
     info = describe(store)
@@ -177,7 +300,23 @@ def teach(
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
+    return "-" if x is None or x != x else f"{100 * x:.2f}%"  # x != x: NaN, a run without evaluation
+
+
+def again(drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
+    """This command line as typed (`kdcache ...`), without the flags in ``drop``, plus those in ``add``."""
+    args = [a for a in sys.argv[1:] if a not in drop]
+    return shlex.join(["kdcache", *args, *add])
+
+
+@contextlib.contextmanager
+def interrupted(message: str, command: str | Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C: say how to continue (the command that resumes) and exit 130, without a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"\n{message}:\n  {command() if callable(command) else command}", err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -187,7 +326,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Rows, views, teachers, k, encodings, bytes on disk and per record, accuracy, record error."""
-    from kdcache.describe import describe
+    from kdcache.describe import describe, format_error
     from kdcache.stores.logit_store import LogitStore
 
     info = describe(LogitStore.open(store))
@@ -210,14 +349,17 @@ def inspect(
             "teacher top-1 (cached views)": _pct(t["teacher_top1"]),
             "correction": f"{correction.get('name', 'none')} {correction.get('args') or ''} "
                           f"(changed {_pct(t['changed_by_correction'])} of rows)",
-            "record error, mean KL(dense||record)": "  ".join(f"T={temp}: {v:.2e}" for temp, v in kl.items()) or "-",
+            f"record error, mean KL(dense||record) ± SE on {t.get('error_rows')} rows":
+                format_error(kl, t.get("kl_by_temperature_se")),
         }
         other = t.get("kl_at_other_temperatures") or {}
         if other:  # what a loss at an undeclared T reads (warned about by `kdcache train`)
-            rows["KL at undeclared T (uniform tail)"] = "  ".join(f"T={temp}: {v:.2e}" for temp, v in other.items())
+            probed = f", {t['probe_rows']} rows" if t.get("probe_rows") else ""
+            rows[f"KL at undeclared T (uniform tail){probed}"] = format_error(
+                other, t.get("kl_at_other_temperatures_se"))
         grad = t.get("grad_sq_error_by_temperature") or {}
         if grad:  # sampled: KL is infinite (p̂ = 0 off the sample); the KD gradient error instead
-            rows["record error, KD grad err²"] = "  ".join(f"T={temp}: {v:.2e}" for temp, v in grad.items())
+            rows["record error, KD grad err² ± SE"] = format_error(grad, t.get("grad_sq_error_by_temperature_se"))
         fid, smp = t.get("fidelity") or {}, t.get("sampling") or {}
         if fid.get("mode") == "auto":
             measured = "  ".join(f"T={temp}: {v:.2e}" for temp, v in fid["kl_by_temperature"].items())
@@ -239,18 +381,62 @@ def verify(
     seed: Annotated[int, typer.Option(help="Seed for the sample.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
 ) -> None:
-    """Check structure, done flags and per-shard checksums; with --teacher, replay and recompute."""
+    """Check structure, done flags and per-block checksums (data and block stats); with --teacher, replay and
+    recompute.
+
+    Exit 0: complete and ok. Exit 3: undamaged but unfinished (it prints how many blocks, and the command).
+
+    Exit 2: damaged (blocks: `kdcache repair STORE`; labels, views, manifest: re-teach --overwrite), or a user error.
+    """
     from kdcache.verify import verify as verify_store
 
     report = verify_store(store, teacher=teacher, samples=samples, seed=seed, device=device)
     for p in report.problems:
         typer.echo(f"problem: {p}", err=True)
     for name, (done, total) in report.blocks_done.items():
-        typer.echo(f"ok: teacher {name}: {done}/{total} blocks done, checksums match")
+        state = "ok" if done == total else f"incomplete ({total - done} unfinished)"
+        typer.echo(f"{state}: teacher {name}: {done}/{total} blocks done, checksums match")
     for rep in report.replays:
         typer.echo(f"replay {rep.teacher}: {rep.samples} samples, max |dlogit| {rep.max_abs_diff:.2e}, "
                    f"top-1 agreement {100 * rep.top1_agreement:.1f}%")
     report.raise_for_problems()
+    if not report.complete:
+        what = ("its creation has not finished" if report.creating else "it has no teacher yet"
+                if not report.blocks_done else f"{report.unfinished} block(s) unfinished")
+        typer.echo(f"incomplete: {store}: {what}; finish it with: {report.finish_command()}", err=True)
+        raise typer.Exit(EXIT_INCOMPLETE)
+
+
+EXIT_INCOMPLETE = 3  # `kdcache verify`: undamaged, but not finished (2 is damage or a user error)
+
+
+@app.command()
+@user_errors
+def repair(
+    store: Annotated[str, typer.Argument(help="Store path or fsspec URL (file://, s3://, gs://).")],
+    batch_size: Annotated[int | None, typer.Option(help="Teacher batch size (default: the one the store was made with; the block stats depend on it).")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: 0 for in-memory data, else cores-1).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    break_lock: Annotated[bool, typer.Option(help="Remove another driver's lock on STORE first (only when that driver is gone).")] = False,
+) -> None:
+    """Recompute damaged and unfinished blocks with the store's own recorded settings and teachers.
+
+    Clears the done flags of blocks that fail their checksum or whose done byte is not 0 or 1.
+
+    Redoes them and the unfinished blocks as a rerun of the `kdcache teach` command that made STORE would.
+
+    Damaged labels, views or manifest cannot be recomputed block by block: refused (exit 2); re-teach.
+    """
+    from kdcache.repair import repair as repair_store
+
+    with rows_progress("repair") as report:
+        result = repair_store(store, batch_size=batch_size, workers=workers, device=device, break_lock=break_lock,
+                              progress=report)
+    for name, bad in result.cleared.items():
+        typer.echo(f"damaged: teacher {name}: {len(bad)} block(s) failed their checks (first: {bad[0]})")
+    for name, count in result.recomputed.items():
+        typer.echo(f"repaired: teacher {name}: {count} block(s) recomputed" if count
+                   else f"ok: teacher {name}: nothing to repair")
 
 
 def parse_kv(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -266,41 +452,47 @@ def parse_kv(items: list[str] | None, flag: str) -> dict[str, str]:
 @app.command()
 @user_errors
 def train(
-    source: Annotated[str, typer.Argument(help="A store made by `kdcache teach`, or a dataset spec (then --loss ce, or --online-teacher).")],
-    student: Annotated[str, typer.Option(help="Student architecture: resnet8x4, resnet32x4, wrn_16_2, wrn_40_2 (and the other CIFAR ResNets/WRNs), small_cnn, tiny_cnn, tiny_cnn_nobn, any torchvision classification model name, timm:<name>[:pretrained] (pip install kdcache[timm]), or package.module:factory; `kdcache list models` names them.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Run directory: metrics.parquet, checkpoint.pt, student.pt, config.json.")],
+    source: Annotated[str, typer.Argument(help="A store made by `kdcache teach`, or a dataset spec (then --loss ce).", show_default=False)],
+    *,
+    student: Annotated[str, typer.Option(help="resnet8x4, wrn_16_2, small_cnn, tiny_cnn, ..., a torchvision name, timm:NAME or module:factory (`kdcache list models`).", rich_help_panel="Student", show_default=False)],
+    image_size: Annotated[int | None, typer.Option(help="Student input size, >= 1 (default: the store's / dataset's).", rich_help_panel="Student", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the student's init and the epoch orders (paired runs).", rich_help_panel="Student")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel="Student")] = "auto",
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on GPU.", rich_help_panel="Student")] = True,
+    loss: Annotated[str, typer.Option(help="ce | kd | dkd | ttm | wttm | clkd | sld (the papers' CIFAR-100 defaults).", rich_help_panel="Loss")] = "kd",
+    loss_arg: Annotated[list[str] | None, typer.Option("--loss-arg", metavar="KEY=VALUE", help="Override a loss hyperparameter, e.g. T=4; repeatable.", rich_help_panel="Loss", show_default=False)] = None,
+    teacher: Annotated[str | None, typer.Option(help="Which teacher of the store; a,b trains from their ensemble.", rich_help_panel="Loss", show_default=False)] = None,
+    correction: Annotated[str, typer.Option(help="none | swap | sort | loca, at train time on an uncorrected store.", rich_help_panel="Loss")] = "none",
+    loca_alpha: Annotated[float | None, typer.Option(help="LoCa alpha in (0, 1).", rich_help_panel="Loss", show_default=False)] = None,
+    loca_temperature: Annotated[float | None, typer.Option(help="Temperature LoCa calibrates at (one the store declares).", rich_help_panel="Loss", show_default=False)] = None,
+    online_teacher: Annotated[str | None, typer.Option(help="Run this teacher live on the same views instead of the cache (the baseline).", rich_help_panel="Loss", show_default=False)] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse, not warn, when the loss reads a T the tail lacks.", rich_help_panel="Loss")] = False,
+    epochs: Annotated[int, typer.Option(help="Epochs, >= 1.", rich_help_panel="Schedule")] = 240,
+    batch_size: Annotated[int, typer.Option(help="Global batch size, >= 1 (under torchrun each of N processes takes 1/N).", rich_help_panel="Schedule")] = 64,
+    lr: Annotated[float | None, typer.Option(help="Base SGD learning rate, > 0 (default: the loss's paper setting, 0.05; sld 0.025).", rich_help_panel="Schedule", show_default=False)] = None,
+    momentum: Annotated[float, typer.Option(help="SGD momentum, in [0, 1).", rich_help_panel="Schedule")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay, >= 0.", rich_help_panel="Schedule")] = 5e-4,
+    schedule: Annotated[str, typer.Option(help="step (x --lr-decay after each milestone) or cosine.", rich_help_panel="Schedule")] = "step",
+    milestones: Annotated[str | None, typer.Option(help="Step-decay epochs, ascending, e.g. 150,180,210 (default: 62.5/75/87.5% of --epochs).", rich_help_panel="Schedule", show_default=False)] = None,
+    lr_decay: Annotated[float, typer.Option(help="LR factor at each step milestone, > 0.", rich_help_panel="Schedule")] = 0.1,
+    max_steps_per_epoch: Annotated[int | None, typer.Option(help="Cap steps per epoch, >= 1 (smoke tests, benchmarks).", rich_help_panel="Schedule", show_default=False)] = None,
+    dataset: Annotated[str | None, typer.Option(help="Where the images are (default: the store's spec); checked by fingerprint.", rich_help_panel="Data", show_default=False)] = None,
+    val: Annotated[str | None, typer.Option(help="Evaluation set, a dataset spec (default: the data's test split; with none, no evaluation).", rich_help_panel="Data", show_default=False)] = None,
+    view_schedule: Annotated[str, typer.Option(help="cycle (epoch e reads view e mod V) or random.", rich_help_panel="Data")] = "cycle",
+    view_policy: Annotated[str, typer.Option(help="Augmentation when training from a dataset spec.", rich_help_panel="Data")] = "identity",
+    preload: Annotated[str, typer.Option(help="auto | yes | no: soft labels in RAM, or streamed from the store.", rich_help_panel="Data")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Image DataLoader workers, >= 0 (default: 0 for in-memory data, else cores-1).", rich_help_panel="Data", show_default=False)] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Train on an unfinished store (a stopped `kdcache teach`): only the rows of the shards done in every view, with a warning. Without it such a store is refused.", rich_help_panel="Data")] = False,
+    out: Annotated[str, typer.Option("--out", "-o", help="Run directory: config.json, checkpoint.pt, metrics.parquet, student.pt.", rich_help_panel="Run", show_default=False)],
     config: ConfigOption = None,
-    loss: Annotated[str, typer.Option(help="ce | kd | dkd | ttm | wttm | clkd | sld (defaults: the papers' CIFAR-100 settings).")] = "kd",
-    loss_arg: Annotated[list[str] | None, typer.Option("--loss-arg", help="Override a loss hyperparameter, KEY=VALUE (e.g. T=4, w_kd=0.9, beta=8); repeatable.")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Which teacher of the store (needed when it holds several); a,b trains from the ensemble (the mean of their probabilities).")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset spec to read images from (default: the one the store records); checked by fingerprint.")] = None,
-    correction: Annotated[str, typer.Option(help="none | swap | sort | loca, applied at train time to an uncorrected store.")] = "none",
-    loca_alpha: Annotated[float | None, typer.Option(help="LoCa alpha in (0, 1).")] = None,
-    loca_temperature: Annotated[float | None, typer.Option(help="Temperature LoCa calibrates at (must be one the store declares).")] = None,
-    online_teacher: Annotated[str | None, typer.Option(help="Run this teacher live on the same replayed views instead of reading the cache (baseline).")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 240,
-    batch_size: Annotated[int, typer.Option(help="Batch size (global: under torchrun each of the N processes takes batch-size / N).")] = 64,
-    lr: Annotated[float | None, typer.Option(help="Base learning rate (SGD); default: the loss's CIFAR-100 setting (0.05; sld 0.025).")] = None,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
-    schedule: Annotated[str, typer.Option(help="step (x0.1 after each milestone) or cosine.")] = "step",
-    milestones: Annotated[str | None, typer.Option(help="Step-decay epochs, e.g. 150,180,210 (default: 62.5/75/87.5% of --epochs).")] = None,
-    view_schedule: Annotated[str, typer.Option(help="cycle (epoch e reads view e mod V) or random.")] = "cycle",
-    view_policy: Annotated[str, typer.Option(help="Augmentation when training from a dataset spec (a store replays its own views).")] = "identity",
-    preload: Annotated[str, typer.Option(help="auto | yes | no: soft labels in RAM, or streamed chunk-shuffled from the store.")] = "auto",
-    image_size: Annotated[int | None, typer.Option(help="Student input size (default: the store's / dataset's).")] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers for images (spawned).")] = None,
-    seed: Annotated[int, typer.Option(help="Seeds the student's init and the epoch orders: same seed, paired runs.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    amp: Annotated[bool, typer.Option(help="bf16 autocast on GPU.")] = True,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
-    strict: Annotated[bool, typer.Option(help="Refuse (instead of warn) when the loss needs a temperature the store's tail does not cover.")] = False,
-    max_steps_per_epoch: Annotated[int | None, typer.Option(help="Cap steps per epoch (smoke tests, benchmarks).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.pt.", rich_help_panel="Run")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out (its files are deleted first).", rich_help_panel="Run")] = False,
 ) -> None:
     """Stage two: train a student from a store (no teacher in memory), or from a dataset with --loss ce.
 
-    Several GPUs (DDP): `torchrun --nproc-per-node N -m kdcache.cli train ...`; --batch-size stays the
-    global batch, rank 0 prints and writes the run directory.
+    An existing run in --out needs --resume or --overwrite; Ctrl-C prints the command that resumes.
+
+    Several GPUs: `torchrun --nproc-per-node N -m kdcache.cli train ...` (--batch-size stays global).
     """
     from kdcache.train import TrainConfig, run_train
 
@@ -313,26 +505,24 @@ def train(
         source=source, student=student, out=out, loss=loss, loss_args=parse_kv(loss_arg, "--loss-arg"),
         teacher=teacher, dataset=dataset, correction=correction, correction_args=corr_args,
         online_teacher=online_teacher, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, schedule=schedule,
-        milestones=tuple(int(m) for m in parse_floats(milestones, "--milestones")) if milestones else None,
-        view_schedule=view_schedule, view_policy=view_policy, preload=preload, image_size=image_size,
-        workers=workers, seed=seed, device=device, amp=amp, resume=resume, strict=strict,
-        max_steps_per_epoch=max_steps_per_epoch,
+        weight_decay=weight_decay, schedule=schedule, milestones=parse_ints(milestones, "--milestones"),
+        lr_decay=lr_decay, view_schedule=view_schedule, view_policy=view_policy, preload=preload,
+        image_size=image_size, workers=workers, seed=seed, device=device, amp=amp, resume=resume, overwrite=overwrite,
+        strict=strict, allow_partial=allow_partial, val=val, max_steps_per_epoch=max_steps_per_epoch,
     )
 
-    def show(row: dict[str, Any]) -> None:
-        console.print(f"epoch {row['epoch']:>3}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}  "
-                      f"train {_pct(row['train_top1'])}  test top-1 {_pct(row['test_top1'])}  "
-                      f"top-5 {_pct(row['test_top5'])}  {row['rows_per_s']:,.0f} rows/s")
+    def resume_command() -> str:  # resumable once an epoch is checkpointed; before that, start again
+        if (Path(out) / "checkpoint.pt").is_file():
+            return again(drop=("--resume", "--overwrite"), add=("--resume",))
+        return again(drop=("--resume", "--overwrite"), add=("--overwrite",)) + "   (no epoch had finished)"
 
-    metrics = run_train(cfg, on_epoch=show)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+    with interrupted("interrupted; resume with", resume_command), EpochProgress(epochs, console=console) as shown:
+        metrics = run_train(cfg, on_epoch=shown.on_epoch, on_step=shown.on_step)
+    if os.environ.get("RANK", "0") != "0" or not metrics:  # under torchrun, rank 0 reports
         return
-    table = Table("epoch", "lr", "loss", "test top-1", "test top-5", "rows/s", title=f"{loss} -> {out}")
-    for row in metrics[-10:]:
-        table.add_row(str(row["epoch"]), f"{row['lr']:.4g}", f"{row['train_loss']:.4f}", _pct(row["test_top1"]),
-                      _pct(row["test_top5"]), f"{row['rows_per_s']:,.0f}")
-    Console().print(table)
+    last = metrics[-1]
+    tested = "not evaluated" if last["test_top1"] != last["test_top1"] else f"test top-1 {_pct(last['test_top1'])}"
+    console.print(f"[green]trained[/] {student} ({loss}), {last['epoch']} epochs, {tested} -> {Path(out) / 'student.pt'}")
 
 
 @app.command()

@@ -80,9 +80,12 @@ def _int_arg(args: dict[str, str], key: str, default: int | None) -> int | None:
     if key not in args:
         return default
     try:
-        return int(args[key])
+        value = int(args[key])
     except ValueError:
         raise SpecError(f"dataset argument {key}={args[key]!r} must be an integer") from None
+    if key == "seed" and value < 0:  # numpy's seeds are non-negative
+        raise SpecError(f"dataset argument seed={value} must be an integer >= 0")
+    return value
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -212,17 +215,28 @@ class FolderDataset(ImageDataset):
     def image(self, i: int) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(self.root / self.sample_ids[i]) as img:
-            return _pil_to_tensor(img)
+        rel = self.sample_ids[i]
+        try:
+            with Image.open(self.root / rel) as img:
+                return _pil_to_tensor(img)
+        except OSError as err:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+            raise self._unreadable(rel, err) from None
 
     def image_sizes(self) -> np.ndarray:
         from PIL import Image
 
         sizes = []
         for rel in self.sample_ids:
-            with Image.open(self.root / rel) as img:  # reads the header only
-                sizes.append((img.height, img.width))
+            try:
+                with Image.open(self.root / rel) as img:  # reads the header only
+                    sizes.append((img.height, img.width))
+            except OSError as err:
+                raise self._unreadable(rel, err) from None
         return np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+
+    def _unreadable(self, rel: str, err: OSError) -> SpecError:
+        return SpecError(f"imagefolder: cannot read {rel!r} under {self.root} ({type(err).__name__}); "
+                         "remove or replace that file")
 
     def _hash(self, h) -> None:
         for rel in self.sample_ids:

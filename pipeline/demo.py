@@ -13,11 +13,24 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kdcache.progress import EpochProgress, duration
+from kdcache.stores.errors import SpecError
 from kdcache.stores.logit_store import LogitStore
 from kdcache.teach import TeachConfig, run_teach
-from kdcache.train import TrainConfig, run_train
+from kdcache.train import TrainConfig, check_writable, run_train, writing
 
 TEACHER, STUDENT = "small_cnn_wide", "tiny_cnn"
+DATASETS = ("mnist5k", "digits")  # bundled with the dependencies: the demo runs offline
+
+
+def check_demo_options(out: str, dataset: str, epochs: int, teacher_epochs: int) -> None:
+    """Every option is checked before the first file is made or the first epoch runs."""
+    for flag, value in (("--epochs", epochs), ("--teacher-epochs", teacher_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"{flag} must be an integer >= 1; got {value!r}")
+    if dataset not in DATASETS:
+        raise SpecError(f"demo --dataset must be bundled data, {' or '.join(DATASETS)}; got '{dataset}'")
+    check_writable(Path(out), "--out")
 
 
 def run_demo(out: str = "demo", dataset: str = "mnist5k", epochs: int = 8, teacher_epochs: int = 12, seed: int = 0,
@@ -28,16 +41,23 @@ def run_demo(out: str = "demo", dataset: str = "mnist5k", epochs: int = 8, teach
     after 4 epochs against 95 % after 12 cosine ones), and KD from a teacher no better than the student
     shows nothing."""
     console = console or Console()
+    check_demo_options(out, dataset, epochs, teacher_epochs)
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    teacher_dir = root / f"teacher-{_slug(dataset)}"  # rerunning the demo reuses its trained teacher
-    console.print(f"[bold]1/3[/] training the teacher ({TEACHER}, ce, crop-flip) on {dataset}")
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
+    teacher_dir = root / f"teacher-{_slug(dataset)}"
+    resume = (teacher_dir / "checkpoint.pt").is_file()  # rerunning the demo reuses its trained teacher
+    console.print(f"[bold]1/3[/] training the teacher ({TEACHER}, ce, crop-flip) on {dataset}: {teacher_epochs} "
+                  "epochs")  # each epoch's line ends with the time the rest should take
     t0 = time.perf_counter()
-    teacher_metrics = run_train(TrainConfig(source=dataset, student=TEACHER, out=str(teacher_dir), loss="ce",
-                                            epochs=teacher_epochs, batch_size=64, lr=0.05, schedule="cosine",
-                                            view_policy="crop-flip", seed=seed, resume=True))
+    with EpochProgress(teacher_epochs, console=console, indent="    ") as shown:
+        teacher_metrics = run_train(
+            TrainConfig(source=dataset, student=TEACHER, out=str(teacher_dir), loss="ce", epochs=teacher_epochs,
+                        batch_size=64, lr=0.05, schedule="cosine", view_policy="crop-flip", seed=seed,
+                        resume=resume, overwrite=not resume),
+            on_epoch=shown.on_epoch, on_step=shown.on_step)
     console.print(f"    teacher test top-1 {100 * teacher_metrics[-1]['test_top1']:.2f}% "
-                  f"({time.perf_counter() - t0:.0f} s)")
+                  f"({duration(time.perf_counter() - t0)})")
     store = root / "cache.kdc"
     spec = f"{TEACHER}@{teacher_dir / 'student.pt'}"
     console.print("[bold]2/3[/] caching it: 4 crop-flip views, dense float16 records, T = 1 and 4")
@@ -61,9 +81,10 @@ def run_demo(out: str = "demo", dataset: str = "mnist5k", epochs: int = 8, teach
     results = []
     for name, kw in runs:
         t0 = time.perf_counter()
-        metrics = run_train(TrainConfig(source=str(store), student=STUDENT, out=str(root / _slug(name)),
-                                        epochs=epochs, batch_size=64, lr=0.05, schedule="cosine", seed=seed,
-                                        **kw))
+        with EpochProgress(epochs, console=console, indent="    ", lines=False) as shown:  # a bar; a line per run
+            metrics = run_train(TrainConfig(source=str(store), student=STUDENT, out=str(root / _slug(name)),
+                                            epochs=epochs, batch_size=64, lr=0.05, schedule="cosine", seed=seed,
+                                            overwrite=True, **kw), on_epoch=shown.on_epoch, on_step=shown.on_step)
         results.append({"run": name, "final_top1": metrics[-1]["test_top1"],
                         "cache_bytes": cache_bytes if "from cache" in name else 0,
                         "best_top1": max(m["test_top1"] for m in metrics), "seconds": time.perf_counter() - t0,

@@ -5,7 +5,8 @@
   is <= ``max_kl`` at EVERY declared T wins. The record is measured as it will be read back (through the
   store's value encoding, ``roundtrip_record``), so the promise holds for what stage two gets.
 - ``record_error`` / ``gradient_error``: the error metrics of a record (KL for top-k and dense; for
-  sampled records KL is infinite, so the squared error of the KD logit-gradient at the teacher).
+  sampled records KL is infinite, so the squared error of the KD logit-gradient at the teacher), in float64;
+  ``fast_record_error`` / ``sparse_kl``: the same in float32, the KL in closed form, cheap enough for stage one.
 - ``check_tail_coverage``: a loss reading the teacher at a temperature whose tail statistics the store
   lacks gets one warning (or a SpecError when strict) with the error to expect.
 """
@@ -166,7 +167,7 @@ def choose_k(
     raise SpecError(
         f"--max-kl {budget:g} is below what the stored values can reach: even the dense record, rounded by the "
         f"value encoding, has mean KL {worst[1]:.2e} at T={worst[0]:g}; raise --max-kl (or use --encoding "
-        "float16 rather than uint8)"
+        "float16)"
     )
 
 
@@ -211,15 +212,16 @@ def roundtrip_record(rec: SparseLogits, encoding: str, dense: bool) -> SparseLog
 
 
 # ------------------------------------------------------------------------------------ error metrics
-def gradient_error(dense_logits: Tensor, record: SparseLogits | SampledLogits, temperature: float) -> Tensor:
-    """(B,) float64 ||(sum_c r_c) p - r||^2 with p = softmax(z / T), r = the record's probabilities at T.
+def gradient_error(dense_logits: Tensor, record: SparseLogits | SampledLogits, temperature: float,
+                   dtype: torch.dtype = torch.float64) -> Tensor:
+    """(B,) ||(sum_c r_c) p - r||^2 with p = softmax(z / T), r = the record's probabilities at T (in ``dtype``).
 
     This is the squared error of the KD logit-gradient (per unit T, without the T^2 factor) when the
     student equals the teacher, where the dense gradient is 0: a top-k record's bias, or a sampled
     record's noise (zero mean over draws). Finite for every record type, unlike KL.
     """
-    p = torch.softmax(dense_logits.detach().double() / temperature, dim=1)
-    r = record.to(dense_logits.device).log_probs(temperature).double().exp()
+    p = torch.softmax(dense_logits.detach().to(dtype) / temperature, dim=1)
+    r = record.to(dense_logits.device).log_probs(temperature).to(dtype).exp()
     diff = r.sum(dim=1, keepdim=True) * p - r
     return (diff * diff).sum(dim=1)
 
@@ -230,6 +232,57 @@ def record_error(dense_logits: Tensor, record: SparseLogits | SampledLogits, tem
     if isinstance(record, SampledLogits):
         return gradient_error(dense_logits, record, temperature)
     return kl_to_dense(dense_logits, record, temperature)
+
+
+_MASKED = -1e4  # u at the kept classes: exp() underflows to 0 and 0 * _MASKED stays 0 (-inf would give nan)
+
+
+def sparse_kl(dense_logits: Tensor, record: SparseLogits, temperature: float, dtype: torch.dtype = torch.float32
+              ) -> Tensor:
+    """(B,) KL(dense || top-k/dense record) at T in ``dtype``, in closed form: stage one's cheap error.
+
+    The top-k classes and the label are exact in the reconstruction, so only the rest classes (n of them)
+    differ: they get one value a each (declared T: a = tail_T - log n; else a = (tail_1 - log n) / T).
+    With u = z/T - a over the rest, S0 = sum e^u, S1 = sum u e^u, rest mass P of p at T and
+    d = log n - log S0 (log of the rest's mass in q over its mass in p, before normalising),
+    KL = log1p(P expm1(d)) + P S1 / S0 exactly. u is centred on the record's own rest value, so
+    nothing cancels catastrophically: float32 is within 3e-4 relative + 3e-7 nats of the float64 ``kl_to_dense``
+    per row (tests/test_record_path.py). Four passes over (B, C), no (B, C) reconstruction.
+    """
+    if record.k == record.num_classes:  # dense: every logit kept, the reconstruction is exact
+        return torch.zeros(len(record), dtype=dtype, device=dense_logits.device)
+    record = record.to(dense_logits.device)
+    inv = 1.0 / temperature
+    n = record.num_rest()
+    has_rest = n > 0
+    log_n = n.clamp_min(1).to(dtype).log()
+    j = record.temperature_index(temperature)
+    tail = record.tail_lse.to(dtype)
+    j1 = record.temperature_index(1.0)
+    a = tail[:, j] - log_n if j is not None else (tail[:, j1] - log_n) * inv
+    a = torch.where(has_rest, a, torch.zeros_like(a))  # no rest: tail = -inf; the row's KL is 0 (below)
+    u = torch.add(-a[:, None], dense_logits.detach().to(dtype), alpha=inv)
+    u.scatter_(1, record.indices, _MASKED).scatter_(1, record.labels[:, None], _MASKED)
+    e = u.exp()
+    s0 = e.sum(dim=1)
+    s1 = (e * u).sum(dim=1)
+    log_s0 = s0.log()
+    rest_lse = a + log_s0  # logsumexp of z / T over the rest
+    kept = torch.cat([record.values.to(dtype) * inv,
+                      torch.where(record.label_in_topk(), float("-inf"), record.label_logit.to(dtype) * inv)[:, None]],
+                     dim=1).logsumexp(dim=1)
+    p_rest = torch.exp(rest_lse - torch.logaddexp(kept, rest_lse))
+    d = -torch.log(s0 / n.clamp_min(1).to(dtype))  # log n - log S0, without rounding either log (both ~ log C)
+    kl = torch.log1p(p_rest * torch.expm1(d)) + p_rest * (s1 / s0)
+    return torch.where(has_rest, kl, torch.zeros_like(kl)).clamp_min(0.0)
+
+
+def fast_record_error(dense_logits: Tensor, record: SparseLogits | SampledLogits, temperature: float) -> Tensor:
+    """(B,) float32 ``record_error``, cheap enough for every row of every batch at stage one: the closed-form
+    ``sparse_kl`` for top-k and dense records, the gradient error in float32 for sampled ones."""
+    if isinstance(record, SampledLogits):
+        return gradient_error(dense_logits, record, temperature, dtype=torch.float32)
+    return sparse_kl(dense_logits, record, temperature)
 
 
 def error_metric(layout: str) -> str:
@@ -244,9 +297,9 @@ def _declared(t: float, temps: Sequence[float]) -> bool:
 
 def undeclared_probe_temperatures(layout: str, temps: Sequence[float]) -> tuple[float, ...]:
     """The PROBE_TEMPERATURES a store does not declare, for layouts that only approximate an undeclared T
-    (top-k: ``Layout.undeclared_temperatures``): stage one measures its record's KL there on the first batch
-    of every block, so stage two can say what a loss at such a T will read (dense records are exact
-    everywhere; sampled ones are undefined off their declared T)."""
+    (top-k: ``Layout.undeclared_temperatures``): stage one measures its record's KL there on a sample of
+    every block's rows (``kdcache.teach.PROBE_STRIDE``), so stage two can say what a loss at such a T will
+    read (dense records are exact everywhere; sampled ones are undefined off their declared T)."""
     if get_layout(layout).undeclared_temperatures != APPROXIMATE:
         return ()
     return tuple(t for t in PROBE_TEMPERATURES if not _declared(t, temps))
@@ -297,6 +350,6 @@ def check_store_tail_coverage(teacher_attrs: Mapping, needed: Iterable[float], s
                               ) -> tuple[float, ...]:
     """``check_tail_coverage`` with everything read from a store's teacher attrs."""
     measured = ((teacher_attrs.get("fidelity") or {}).get("kl_at_other_temperatures")  # --k auto's sample
-                or (teacher_attrs.get("summary") or {}).get("kl_at_other_temperatures"))  # every block's first batch
+                or (teacher_attrs.get("summary") or {}).get("kl_at_other_temperatures"))  # a sample of every block
     return check_tail_coverage(teacher_attrs["temperatures"], needed, strict, layout=teacher_attrs["layout"],
                                measured_kl=measured)

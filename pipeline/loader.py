@@ -16,12 +16,17 @@ across epochs. ``state_dict()`` / ``load_state_dict()`` resume mid-epoch at the 
 
 Everything is checked before the first batch: the dataset against the store's fingerprint, the
 teacher names, a correction applied twice, a loss that is biased on a sampled record or reads
-temperatures the tail does not cover. Problems raise ``KdcacheError`` subclasses with one line.
+temperatures the tail does not cover, and that every block is done (an unfinished store is refused,
+naming the `kdcache teach` command that finishes it; ``allow_partial=True`` serves only the rows of
+the shards done in every view, with a ``PartialStoreWarning``). Every block read is checked against
+its crc32 once (``kdcache.soft_labels``). Problems raise ``KdcacheError`` subclasses with one line.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +47,10 @@ from kdcache.stores.logit_store import LogitStore
 from kdcache.views import view_policy_from_record
 
 PRELOAD_BUDGET = 8 << 30  # soft labels of every member are preloaded when they fit (decoded) in this
+
+
+class PartialStoreWarning(UserWarning):
+    """``allow_partial=True`` on an unfinished store: training sees only the rows of its done shards."""
 
 
 @dataclass(frozen=True)
@@ -86,13 +95,17 @@ def open_logit_store(store: str | os.PathLike | LogitStore | Any) -> LogitStore:
 def store_dataset(store: LogitStore, dataset: str | ImageDataset | Any | None) -> ImageDataset:
     """The images behind the store's rows (its recorded spec, or the one given), checked by fingerprint."""
     attrs = store.attrs
+    identity = attrs.get("identity") or {}  # stores written by `kdcache teach` record it; raw LogitStores may not
+    split = identity.get("split", "train")
     if dataset is None:
-        spec = attrs["identity"]["dataset"]
+        spec = identity.get("dataset")
+        if spec is None:
+            raise SpecError(f"{store.url} records no dataset spec (it was not made by `kdcache teach`); pass dataset=")
         if spec.startswith("python:"):
             raise SpecError(f"{store.url} was cached from a Python dataset ({spec}); pass it again as dataset=")
-        dataset = load_dataset(spec, attrs["identity"]["split"])
+        dataset = load_dataset(spec, split)
     elif isinstance(dataset, str):
-        dataset = load_dataset(dataset, attrs["identity"]["split"])
+        dataset = load_dataset(dataset, split)
     elif not isinstance(dataset, ImageDataset):
         from kdcache.data import as_image_dataset  # a user's map-style dataset
 
@@ -104,6 +117,57 @@ def store_dataset(store: LogitStore, dataset: str | ImageDataset | Any | None) -
         raise StoreError(f"{store.url} was cached from other data than {dataset.spec!r} (dataset fingerprint "
                          "differs); pass the dataset the store was made from")
     return dataset
+
+
+def teach_command(store: LogitStore, teacher: str) -> str:
+    """The `kdcache teach` command that resumes ``teacher`` of ``store``, rebuilt from the identities stage
+    one recorded (pipeline/teach.py: ``identity`` in the store's and the teacher's attrs); a sentence when
+    they cannot make one (a Python dataset or teacher, or a store made by an older kdcache)."""
+    fallback = f"rerun the `kdcache teach` command that made {store.url} (same --out)"
+    ident, tid = store.attrs.get("identity"), store.teacher_attrs(teacher).get("identity")
+    if not isinstance(ident, dict) or not isinstance(tid, dict):
+        return fallback
+    dataset, spec = str(ident.get("dataset", "")), str(tid.get("spec", ""))
+    if not dataset or not spec or "python:" in dataset + spec:
+        return fallback
+    flags: list[tuple[str, Any]] = [
+        ("--split", ident.get("split")), ("--teacher", spec), ("--k", tid.get("k")),
+        ("--temperatures", ",".join(f"{float(t):g}" for t in tid.get("temperatures") or ())),
+        ("--max-kl", tid.get("max_kl")), ("--proposal-temperature", tid.get("proposal_temperature")),
+        ("--encoding", tid.get("encoding")), ("--correction", tid.get("correction")),
+        ("--loca-alpha", (tid.get("correction_args") or {}).get("alpha")),
+        ("--loca-temperature", (tid.get("correction_args") or {}).get("temperature")),
+        ("--views", ident.get("views")), ("--view-policy", ident.get("view_policy")),
+        ("--image-size", ident.get("image_size")), ("--seed", ident.get("seed")),
+        ("--shard-rows", ident.get("shard_rows")), ("--chunk-rows", ident.get("chunk_rows")), ("--out", store.url)]
+    words = ["kdcache", "teach", dataset] + [w for flag, v in flags if v not in (None, "")
+                                             for w in (flag, f"{v:g}" if isinstance(v, float) else str(v))]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def served_shards(store: LogitStore, teachers: list[str], allow_partial: bool) -> np.ndarray | None:
+    """The shards stage two may read: None (all) when every block of ``teachers`` is done. Otherwise an
+    unfinished store is refused, or, with ``allow_partial``, the shards done in every view of every teacher
+    are served (one warning). Restricting to whole shards keeps every view of a row servable, so the epoch
+    order, the view schedule and DDP shares work unchanged on fewer rows."""
+    done = [store.done(name) for name in teachers]
+    if all(d.all() for d in done):
+        return None
+    first = next(i for i, d in enumerate(done) if not d.all())
+    name, missing, total = teachers[first], int((~done[first]).sum()), done[first].size
+    if not allow_partial:
+        raise StoreError(f"{store.url}: {missing} of {total} blocks (view x shard) of teacher '{name}' are unfinished "
+                         f"(`kdcache teach` stopped early); finish them with `{teach_command(store, name)}`, or train "
+                         "on the done blocks only with --allow-partial (allow_partial=True)")
+    shards = np.flatnonzero(np.logical_and.reduce([d.all(axis=0) for d in done]))
+    if not len(shards):
+        raise StoreError(f"{store.url}: no shard is done in every view of teacher(s) {', '.join(teachers)}, so "
+                         f"--allow-partial has no rows to train on; finish them with `{teach_command(store, name)}`")
+    rows = sum(b - a for a, b in map(store.shard_bounds, map(int, shards)))
+    warnings.warn(f"{store.url} is unfinished ({missing} of {total} blocks of teacher '{name}' not done): training "
+                  f"on the {rows} of {store.num_rows} rows of the {len(shards)} of {store.num_shards} shards done in "
+                  "every view (--allow-partial)", PartialStoreWarning, stacklevel=3)
+    return shards
 
 
 def check_record_use(attrs: dict[str, Any], *, loss: str | None, loss_args: dict | None, correction: str,
@@ -147,6 +211,8 @@ class CachedLoader:
     reads view (e-1) mod V) or ``random``. ``loss`` / ``loss_args`` (optional): the loss the records
     feed, checked against the record (bias, tail coverage; ``strict`` makes coverage an error).
     ``device``: where records are built (images and labels stay on the CPU, pinned on CUDA).
+    ``allow_partial``: train on an unfinished store, on the rows of the shards done in every view only
+    (``PartialStoreWarning``); without it an unfinished store is a ``StoreError``.
     """
 
     def __init__(self, store, batch_size: int, *, teacher: str | None = None, dataset=None,
@@ -155,7 +221,7 @@ class CachedLoader:
                  correction: str = "none", correction_args: dict[str, Any] | None = None,
                  loss: str | None = None, loss_args: dict[str, Any] | None = None, strict: bool = False,
                  rank: int | None = None, world: int | None = None, max_steps: int | None = None,
-                 device: str | torch.device = "cpu", records: bool = True):
+                 device: str | torch.device = "cpu", records: bool = True, allow_partial: bool = False):
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.rank, self.world = _rank_world(rank, world)
         self.max_steps = None if max_steps is None else _positive_int(max_steps, "max_steps")
@@ -170,6 +236,7 @@ class CachedLoader:
         self.correction = correction
         self.correction_args = get_correction(correction).args(correction_args or {})
         self.size = self._size(image_size)
+        self.allow_partial = bool(allow_partial)
         self.members = self._members(teacher, preload, view_schedule)
         self.teacher = ",".join(m.name for m in self.members)
         self.teacher_attrs = self._teacher_attrs()
@@ -207,8 +274,10 @@ class CachedLoader:
         if preload == "auto" and len(names) > 1:  # one decision for all members: they serve one order
             need = sum(get_layout(a["layout"]).decoded_bytes_per_row(a) for a in attrs)
             preload = "yes" if need * self.store.num_rows * self.store.num_views <= PRELOAD_BUDGET else "no"
+        shards = served_shards(self.store, names, self.allow_partial)
         return [Member(n, a, SoftLabels(self.store, n, preload=preload, view_schedule=view_schedule, seed=self.seed,
-                                        rank=self.rank, world=self.world)) for n, a in zip(names, attrs, strict=True)]
+                                        rank=self.rank, world=self.world, shards=shards))
+                for n, a in zip(names, attrs, strict=True)]
 
     def _only_teacher(self) -> list[str]:
         if len(self.store.teachers) != 1:

@@ -139,8 +139,14 @@ def tiny_cnn_nobn(num_classes: int = 10, **kwargs) -> nn.Module:
 def _unknown_model(name: str) -> SpecError:
     close = difflib.get_close_matches(name, list_models() + _torchvision_archs(), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return SpecError(f"unknown model '{name}'{hint}; use a registered net ({', '.join(list_models())}) "
-                     "or a torchvision classification architecture")
+    return SpecError(f"unknown model '{name}'{hint}; `kdcache list models` names the registered nets and "
+                     "torchvision architectures")
+
+
+def _not_torchvision(arch: str) -> SpecError:
+    """``torchvision:small_cnn``: a kdcache net is not a torchvision one; say how to name it."""
+    return SpecError(f"'{arch}' is a kdcache model, not a torchvision one; use {arch} (students), "
+                     f"kdcache.models:{arch} or {arch}@state_dict.pt (teachers)")
 
 
 def _seeded(seed: int, fn: Callable[[], nn.Module]) -> nn.Module:
@@ -235,7 +241,7 @@ def _finish(model: nn.Module, spec: str, weights: str, seed: int) -> tuple[nn.Mo
 def _torchvision_teacher(spec: str, rest: str, num_classes: int, seed: int):
     arch, _, weights_name = rest.partition(":")
     if arch not in _torchvision_archs():
-        raise _unknown_model(arch)
+        raise _not_torchvision(arch) if arch in _MODELS else _unknown_model(arch)
     weights_name = weights_name or "DEFAULT"
     if weights_name.lower() == "none":
         return _finish(build_model(arch, num_classes, seed), spec, "none", seed)
@@ -261,9 +267,9 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise SpecError(f"teacher weights file '{path}' does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors have no common type
-        raise SpecError(f"'{path}' is not a weights-only state dict (torch.load(weights_only=True) failed: "
-                        f"{str(err).splitlines()[0]}); save it with torch.save(model.state_dict(), path)") from None
+    except Exception as err:  # unpickling errors have no common type; their text advises weights_only=False
+        raise SpecError(f"'{path}' is not a weights-only state dict (torch.load(weights_only=True) failed with "
+                        f"{type(err).__name__}); save it with torch.save(model.state_dict(), path)") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):  # common checkpoint wrappers (Lightning, RepDistiller)
             if isinstance(obj.get(key), dict):
@@ -282,10 +288,25 @@ def _checkpoint_teacher(spec: str, num_classes: int, seed: int):
     state = _load_state_dict(Path(path).expanduser())
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
-        raise SpecError(f"'{path}' does not fit {arch} with {num_classes} classes: {'; '.join(lines)[:300]}") from None
+    except RuntimeError:
+        why = state_dict_mismatch(model, state)
+        raise SpecError(f"'{path}' does not fit {arch} with {num_classes} classes: {why}; use weights saved from "
+                        "this architecture for this dataset") from None
     return _finish(model, spec, str(path), seed)
+
+
+def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """The first difference between a model's parameters and a state dict, in a few words (PyTorch's own
+    message lists every tensor, hundreds of characters)."""
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+            shape = "x".join(map(str, tensor.shape)) or "scalar"
+            return f"{name} is {shape} there, {'x'.join(map(str, own[name].shape)) or 'scalar'} here"
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing:
+        return f"{len(missing)} tensor(s) missing, e.g. {missing[0]}"
+    return f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}" if unexpected else "tensors differ"
 
 
 def _factory_teacher(spec: str, num_classes: int, seed: int):

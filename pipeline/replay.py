@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdcache.data import ImageDataset
-from kdcache.stores.errors import SpecError
+from kdcache.stores.errors import KdcacheError, SpecError
 
 
 def pairs(views, rows) -> np.ndarray:
@@ -66,7 +66,7 @@ class ViewedRows(torch.utils.data.Dataset):
                              for i, (image, _) in enumerate(samples)])
         else:
             x = self.policy.apply_batch(torch.stack([image for image, _ in samples]), params, self.size)
-        x = (x - self.mean) / self.std
+        x = (x - self.mean).div_(self.std)  # one new tensor: the policy's output may alias its input
         if self.transform is not None:
             x = self.transform(x)
         return x, labels, torch.from_numpy(views), torch.from_numpy(rows)
@@ -130,11 +130,38 @@ def worker_context(workers: int):
     return multiprocessing.get_context(method)
 
 
+class ReplayLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' user errors stay one line: PyTorch re-raises a worker's exception with the
+    worker's whole traceback in its message; a ``KdcacheError`` (an unreadable image, a bad item of the user's
+    dataset) comes back here as the same error with its own message."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except KdcacheError as err:
+                raise type(err)(worker_message(str(err))) from None
+            yield batch
+
+
+def worker_message(text: str) -> str:
+    """The original message of an error PyTorch re-raised from a worker ("Caught X in DataLoader worker
+    process 0.\nOriginal Traceback ...\nkdcache.stores.errors.SpecError: MESSAGE"), else ``text``."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not text.startswith("Caught ") or len(lines) < 2:
+        return text
+    head, sep, message = lines[-1].partition(": ")
+    return message if sep and head.replace(".", "").replace("_", "").isalnum() else lines[-1]
+
+
 def replay_loader(rows: ViewedRows, batch_sampler, workers: int, device: torch.device,
                   persistent: bool = False, prefetch: int | None = None) -> torch.utils.data.DataLoader:
     """The one DataLoader over ``ViewedRows``: batch sampler of (view, row) pairs, pinned memory on
     CUDA, and (stage two) persistent workers that survive across epochs."""
-    return torch.utils.data.DataLoader(
+    return ReplayLoader(
         rows,
         batch_sampler=batch_sampler,
         num_workers=workers,

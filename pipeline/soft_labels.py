@@ -18,6 +18,11 @@ Two modes, one interface (``order(epoch)`` then ``batches(order, batch_size)``):
 
 The view of each row in an epoch is ``cycle`` (epoch e reads view (e-1) mod V, so an epoch touches
 one view's chunks) or ``random`` (per row when preloaded, per chunk when streamed).
+
+Every read is checked (``LogitStore.read_block(checked=True)``): the blocks it touches must be done,
+and each block is checked against its crc32 the first time the store instance reads it (read whole
+once, so the check costs one extra read of a block at most, in its first epoch). ``shards`` limits the
+rows served to some shards (``CachedLoader(allow_partial=True)``: those done in every view).
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class SoftLabels:
 
     def __init__(self, store: LogitStore, teacher: str, preload: str = "auto", view_schedule: str = "cycle",
                  seed: int = 0, buffer_chunks: int = 16, ram_budget_bytes: int = 8 << 30, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, shards: np.ndarray | list[int] | None = None, checked: bool = True):
         if view_schedule not in ("cycle", "random"):
             raise SpecError(f"--view-schedule must be cycle or random; got '{view_schedule}'")
         if preload not in ("auto", "yes", "no"):
@@ -92,6 +97,8 @@ class SoftLabels:
         self.num_rows, self.num_views = store.num_rows, store.num_views
         self.chunk = store.chunk_rows
         self.num_chunks = -(-self.num_rows // self.chunk)
+        self.checked = checked  # False only to measure what the checks cost (benchmarks/loader.py)
+        self.shards, self.chunks, self.row_mask = self._served_shards(shards)
         if preload == "auto":
             preload = "yes" if self.nbytes_decoded() <= ram_budget_bytes else "no"
         self.preloaded = self._preload() if preload == "yes" else None
@@ -103,16 +110,39 @@ class SoftLabels:
         per_row = attrs["k"] * slot + 4 + 4 * len(attrs["temperatures"])
         return per_row * self.num_rows * self.num_views
 
+    def _served_shards(self, shards) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The shards served, their chunk ids, and a row mask (None when every row is served)."""
+        every = np.arange(self.store.num_shards)
+        if shards is None:
+            return every, np.arange(self.num_chunks), None
+        shards = np.unique(np.asarray(shards, dtype=np.int64))
+        if not len(shards) or shards[0] < 0 or shards[-1] >= len(every):
+            raise SpecError(f"shards must be a non-empty subset of 0..{len(every) - 1}; got {shards.tolist()}")
+        per_shard = self.store.shard_rows // self.chunk
+        chunks = (shards[:, None] * per_shard + np.arange(per_shard)).reshape(-1)
+        mask = np.zeros(self.num_rows, dtype=bool)
+        for shard in shards:
+            mask[slice(*self.store.shard_bounds(int(shard)))] = True
+        return shards, chunks[chunks < self.num_chunks], None if mask.all() else mask
+
+    def _shard_runs(self) -> list[tuple[int, int]]:
+        """Rows [a, b) of each run of consecutive served shards (one checked read each)."""
+        breaks = np.flatnonzero(np.diff(self.shards) != 1) + 1
+        return [(self.store.shard_bounds(int(run[0]))[0], self.store.shard_bounds(int(run[-1]))[1])
+                for run in np.split(self.shards, breaks)]
+
     def _preload(self) -> Record:
-        """Every view in RAM as (views * rows, ...) arrays: record (v, r) is at flat index v * rows + r."""
+        """Every view in RAM as (views * rows, ...) arrays: record (v, r) is at flat index v * rows + r.
+        Rows of shards not served stay zero and are never in an order."""
         flat: Record = {}
         n = self.num_rows
         for v in range(self.num_views):
-            view = self.store.read_view(self.teacher, v)
-            for key, arr in view.items():
-                if key not in flat:
-                    flat[key] = np.empty((self.num_views * n, *arr.shape[1:]), dtype=arr.dtype)
-                flat[key][v * n : (v + 1) * n] = arr
+            for a, b in self._shard_runs():
+                part = self.store.read_block(self.teacher, v, a, b, checked=self.checked)
+                for key, arr in part.items():
+                    if key not in flat:
+                        flat[key] = np.zeros((self.num_views * n, *arr.shape[1:]), dtype=arr.dtype)
+                    flat[key][v * n + a : v * n + b] = arr
         return flat
 
     # ------------------------------------------------------------------ the epoch order
@@ -125,14 +155,20 @@ class SoftLabels:
         with one zarr call each, and the offset moves every buffer's boundaries from epoch to epoch.
         """
         rng = epoch_rng(self.seed, epoch)
-        ring = (np.arange(self.num_chunks) + rng.integers(self.num_chunks)) % self.num_chunks
-        views = self._views(rng, self.num_chunks, epoch)
+        ring = self._ring(rng)
+        views = self._views(rng, len(ring), epoch)
         a, b = self._arc(self.rank)
         return rng, ring[a:b], views[a:b]
 
+    def _ring(self, rng: np.random.Generator) -> np.ndarray:
+        """The served chunk ids rotated by the epoch's random offset (its first draw)."""
+        m = len(self.chunks)
+        return self.chunks[(np.arange(m) + rng.integers(m)) % m]
+
     def _arc(self, rank: int) -> tuple[int, int]:
         """Positions [a, b) of the ring that ``rank`` takes: arcs differ by one chunk at most."""
-        return rank * self.num_chunks // self.world, (rank + 1) * self.num_chunks // self.world
+        m = len(self.chunks)
+        return rank * m // self.world, (rank + 1) * m // self.world
 
     def _chunk_sizes(self, chunks: np.ndarray) -> np.ndarray:
         """Rows of each chunk (only the store's last chunk may be short)."""
@@ -145,6 +181,8 @@ class SoftLabels:
             # r, r + world, ... of the single-process order (so DDP replays the same (view, row) pairs)
             rng = epoch_rng(self.seed, epoch)
             rows = rng.permutation(self.num_rows)
+            if self.row_mask is not None:  # allow_partial: only rows of the served shards
+                rows = rows[self.row_mask[rows]]
             views = self._views(rng, len(rows), epoch)
             return EpochOrder(rows[self.rank :: self.world], views[self.rank :: self.world])
         rng, chunks, chunk_views = self._rank_chunks(epoch)
@@ -172,9 +210,9 @@ class SoftLabels:
         """Rows in each rank's share of the epoch (``len(order(epoch))`` of ranks 0..world-1), without
         building the orders: DDP runs the same number of steps on every rank."""
         if self.preloaded is not None:
-            return [len(range(r, self.num_rows, self.world)) for r in range(self.world)]
-        ring = (np.arange(self.num_chunks) + epoch_rng(self.seed, epoch).integers(self.num_chunks)) % self.num_chunks
-        sizes = self._chunk_sizes(ring)  # the first draw of _rank_chunks
+            n = self.num_rows if self.row_mask is None else int(self.row_mask.sum())
+            return [len(range(r, n, self.world)) for r in range(self.world)]
+        sizes = self._chunk_sizes(self._ring(epoch_rng(self.seed, epoch)))  # the first draw of _rank_chunks
         return [int(sizes[slice(*self._arc(r))].sum()) for r in range(self.world)]
 
     def _views(self, rng: np.random.Generator, n: int, epoch: int) -> np.ndarray:
@@ -216,7 +254,7 @@ class SoftLabels:
         blocks = []
         for run, run_views in zip(np.split(buf.chunks, breaks), np.split(buf.views, breaks), strict=True):
             start, stop = int(run[0]) * self.chunk, min((int(run[-1]) + 1) * self.chunk, self.num_rows)
-            blocks.append(self.store.read_block(self.teacher, int(run_views[0]), start, stop))
+            blocks.append(self.store.read_block(self.teacher, int(run_views[0]), start, stop, checked=self.checked))
         if len(blocks) == 1:
             return blocks[0]
         return {key: np.concatenate([blk[key] for blk in blocks]) for key in blocks[0]}

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
+import logging
+import math
 import os
 import queue
 import re
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -32,7 +37,9 @@ from kdcache.fidelity import (
     auto_k,
     check_max_kl,
     error_metric,
-    record_error,
+    fast_record_error,
+    raw_record_bytes,
+    sparse_kl,
     undeclared_probe_temperatures,
 )
 from kdcache.models import build_teacher, check_output_width, state_dict_sha256
@@ -41,12 +48,14 @@ from kdcache.records import AUTO, get_layout, layout_for_k
 from kdcache.replay import BlockBatches, ViewedRows, default_workers, replay_loader, resolve_device
 from kdcache.sampled import SampledLogits, default_proposal_temperature, parse_samples
 from kdcache.sparse import SparseLogits, check_temperatures
-from kdcache.stores.errors import SpecError, StoreError
+from kdcache.stores.errors import CorruptionError, SpecError, StoreError
 from kdcache.stores.lock import DriverLock
-from kdcache.stores.logit_store import LogitStore
-from kdcache.views import get_view_policy
+from kdcache.stores.logit_store import BadBlock, LogitStore
+from kdcache.views import MAX_VIEWS, get_view_policy
 
 DEFAULT_TEMPERATURES = (1.0, 4.0)
+MAX_IMAGE_SIZE = 4096  # --image-size: pixels per side a teacher is run at
+log = logging.getLogger("kdcache")
 
 
 STORE, TEACHER = "store", "teacher"  # where an identity field is recorded: the store's attrs, each teacher's
@@ -146,6 +155,19 @@ def validate(cfg: TeachConfig, module_names: Sequence[str] = ()) -> None:
         raise SpecError("no teacher given; pass --teacher SPEC (e.g. torchvision:resnet18:none)")
     if isinstance(cfg.views, int) and cfg.views < 1:
         raise SpecError(f"--views must be >= 1 or 'all'; got {cfg.views}")
+    if isinstance(cfg.views, int) and cfg.views > MAX_VIEWS:  # its (V, N) view parameters alone would not fit
+        slots = cfg.k if isinstance(cfg.k, int) else 1
+        per_row = cfg.views * raw_record_bytes(slots + 1, slots, cfg.encoding, len(cfg.temperatures))
+        raise SpecError(f"--views {cfg.views} would not fit: each row's records take at least {per_row / 1e9:.3g} GB; "
+                        f"cache at most {MAX_VIEWS} views (crop-flip has 162 in all)")
+    ints = (("--image-size", cfg.image_size, 1), ("--workers", cfg.workers, 0), ("--seed", cfg.seed, 0))
+    for flag, value, least in ints:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise SpecError(f"{flag} must be an integer >= {least} (or left out for the default); got {value!r}")
+    if cfg.image_size is not None and cfg.image_size > MAX_IMAGE_SIZE:  # one float image of 100000² is 120 GB
+        gb = 12 * cfg.image_size**2 / 1e9
+        raise SpecError(f"--image-size {cfg.image_size} is larger than any teacher's input; use at most "
+                        f"{MAX_IMAGE_SIZE} (one 3 x {cfg.image_size}² float32 image is {gb:.3g} GB)")
     if isinstance(cfg.k, int) and cfg.k < 1:
         raise SpecError(f"--k must be >= 1, 'all' or 'auto'; got {cfg.k}")
     if isinstance(cfg.k, str) and cfg.k not in ("all", "auto") and not is_sampled(cfg.k):
@@ -214,36 +236,171 @@ def record_to_numpy(rec: SparseLogits | SampledLogits, layout: str) -> dict[str,
 # "bf16_rows": rows whose forward ran under bf16 autocast (GPU + --amp), so verify knows the precision to
 # replay at, even when dask workers on GPUs labelled a store whose driver has none.
 STAT_NAMES = ("rows", "teacher_correct", "changed_by_correction", "bf16_rows")
+# The record error costs a pass over (rows, classes) per temperature, the forward does not grow with the classes:
+# up to FULL_PASS_CLASSES every row is measured (stage one's overhead was 0.99x a bare forward at 10 classes with a
+# float64 full pass); above, the declared-T error is measured on every ERROR_STRIDE-th row of a block from its
+# first and the undeclared probe T on every PROBE_STRIDE-th. Store rows are a seeded permutation of the dataset,
+# so these are random samples of it, and a pure function of the block: resumed and distributed runs measure the
+# same rows. The summary states the sample sizes and standard errors.
+FULL_PASS_CLASSES = 128
+ERROR_STRIDE = 32
+PROBE_STRIDE = 256
+ERROR_FLUSH_ROWS = 512  # sampled rows kept (dense logits on the device) before their error is computed
 
 
 def stats_names(layout: str, temps) -> tuple[str, ...]:
-    """The block_stats columns of a teacher: STAT_NAMES, the error per declared T, then (top-k only) the
-    probe rows and the KL at each undeclared probe T (``undeclared_probe_temperatures``)."""
+    """The block_stats columns of a teacher: STAT_NAMES, the error summed over the sampled rows per declared T,
+    the sample size and the sums of squares (so the summary has a standard error), then (top-k only) the probe
+    rows and the KL and its squares at each undeclared probe T (``undeclared_probe_temperatures``)."""
+    metric = error_metric(layout)
     probes = undeclared_probe_temperatures(layout, temps)
-    names = STAT_NAMES + tuple(f"{error_metric(layout)}_T{t:g}" for t in temps)
-    return names + (("probe_rows", *(f"kl_probe_T{t:g}" for t in probes)) if probes else ())
-
-
-def block_stats(raw: torch.Tensor, corrected: torch.Tensor, rec: SparseLogits | SampledLogits,
-                labels: torch.Tensor, temps, bf16: bool = False, probes: tuple[float, ...] = (),
-                probe: bool = False) -> torch.Tensor:
-    """Per batch sums: rows, teacher top-1 hits, rows the correction changed, rows run in bf16, record
-    error per T (KL(dense||record); for sampled records the KD gradient error, see ``kdcache.fidelity``);
-    with ``probes``, the probe rows and KL at those temperatures (zeros unless ``probe``: the first batch
-    of a block)."""
-    kl = [record_error(corrected, rec, t).sum() for t in temps]
-    rows = torch.tensor(float(len(labels)), dtype=torch.float64, device=raw.device)
-    zero = torch.zeros_like(rows)
-    head = [
-        rows,
-        (raw.argmax(1) == labels).sum().double(),
-        (corrected != raw).any(1).sum().double(),
-        rows if bf16 else zero,
-    ]
-    tail = []
+    names = (*STAT_NAMES, *(f"{metric}_T{t:g}" for t in temps), "error_rows", *(f"{metric}_sq_T{t:g}" for t in temps))
     if probes:
-        tail = [rows if probe else zero] + [record_error(corrected, rec, t).sum() if probe else zero for t in probes]
-    return torch.stack(head + [v.double() for v in kl + tail])
+        names += ("probe_rows", *(f"kl_probe_T{t:g}" for t in probes), *(f"kl_probe_sq_T{t:g}" for t in probes))
+    return names
+
+
+def top1_hits(raw: torch.Tensor, corrected: torch.Tensor, labels: torch.Tensor,
+              rec: SparseLogits | SampledLogits | None = None) -> torch.Tensor:
+    """Rows whose raw argmax is the label (int64 scalar): the ``teacher_correct`` block stat (``RecordPath`` sums
+    STAT_NAMES per block on the device; the record error is ``ErrorSample``'s). Without a correction, a top-k or
+    dense ``rec`` of the batch holds each row's largest logit: a hit is a label logit equal to it (a tie at the
+    top counts), with no pass over (B, C)."""
+    if corrected is raw and isinstance(rec, SparseLogits):
+        return (rec.label_logit >= rec.values[:, 0]).sum()
+    return (raw.argmax(1) == labels).sum()
+
+
+def error_sample_strides(num_classes: int, full: bool = False) -> tuple[int, int]:
+    """(declared, probe): the record error is measured on every s-th row of a block from its first (1: all)."""
+    if num_classes <= FULL_PASS_CLASSES:
+        return 1, 1
+    return (1 if full else ERROR_STRIDE), PROBE_STRIDE
+
+
+class ErrorSample:
+    """The record error of a block on its sampled rows (``error_sample_strides``), in float32 on the device: at
+    each declared T ``kdcache.fidelity.fast_record_error``, at each undeclared probe T (top-k; a subset of those
+    rows) the closed-form KL ``sparse_kl``. Sampled rows are gathered across batches and measured
+    ``ERROR_FLUSH_ROWS`` at a time, so a batch holding a few costs one gather, not a dozen kernel launches.
+    ``totals``: sample sizes, sums and sums of squares, in ``stats_names`` order after STAT_NAMES."""
+
+    def __init__(self, temps, probes: tuple[float, ...], num_classes: int, full: bool = False):
+        self.temps, self.probes = tuple(temps), tuple(probes)
+        self.stride, self.probe_stride = error_sample_strides(num_classes, full)
+        if self.probe_stride % self.stride:
+            raise ValueError("the probe rows must be a subset of the sampled rows (PROBE_STRIDE % ERROR_STRIDE == 0)")
+        self.logits: list[torch.Tensor] = []
+        self.records: list[SparseLogits | SampledLogits] = []
+        self.offsets: list[np.ndarray] = []
+        self.pending = 0
+        self.sums: torch.Tensor | None = None
+
+    def add(self, corrected: torch.Tensor, rec: SparseLogits | SampledLogits, first: int) -> None:
+        """A batch of consecutive rows of the block, the first at position ``first`` in the block."""
+        lo = -(-first // self.stride) * self.stride  # the first sampled position at or after ``first``
+        if lo >= first + len(corrected):
+            return
+        positions = np.arange(lo, first + len(corrected), self.stride)
+        rows = slice(lo - first, None, self.stride)  # a strided view: no index kernels, one copy of the logits
+        self.logits.append(corrected[rows].clone())
+        self.records.append(rec.index(rows))
+        self.offsets.append(positions)
+        self.pending += len(positions)
+        if self.pending >= ERROR_FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Measure the rows gathered so far."""
+        if not self.pending:
+            return
+        z = torch.cat(self.logits)
+        rec = type(self.records[0]).concat(self.records)
+        offsets = np.concatenate(self.offsets)
+        self.logits, self.records, self.offsets, self.pending = [], [], [], 0
+        out = _sums(z, rec, self.temps, fast_record_error)
+        if self.probes:
+            sel = torch.from_numpy(np.flatnonzero(offsets % self.probe_stride == 0)).to(z.device, non_blocking=True)
+            out = torch.cat([out, _sums(z[sel], rec.index(sel), self.probes, sparse_kl)])
+        self.sums = out if self.sums is None else self.sums + out
+
+    def totals(self, device: torch.device) -> torch.Tensor:
+        """The block's error columns (zeros where no row was sampled); resets for the next block."""
+        self.flush()
+        t, p = len(self.temps), len(self.probes)
+        sums = self.sums if self.sums is not None else torch.zeros(1 + 2 * t + (1 + 2 * p if p else 0),
+                                                                   dtype=torch.float64, device=device)
+        self.sums = None
+        # _sums gives (n, sums, squares) per set; the columns are (sums, error_rows, squares, probe set as given)
+        return torch.cat([sums[1 : 1 + t], sums[:1], sums[1 + t :]])
+
+
+def _sums(z: torch.Tensor, rec: SparseLogits | SampledLogits, temps: tuple[float, ...], error: Callable
+          ) -> torch.Tensor:
+    """(1 + 2 T,) float64: rows, then per T the sum and the sum of squares of ``error(z, rec, T)`` (float32)."""
+    errs = [error(z, rec, t) for t in temps]
+    n = torch.tensor(float(len(z)), dtype=torch.float64, device=z.device)
+    return torch.stack([n, *(e.sum(dtype=torch.float64) for e in errs), *(e.double().square().sum() for e in errs)])
+
+
+def store_columns(store: LogitStore, name: str, layout: str, temps) -> list[int]:
+    """Where each of the store's block_stats columns sits in ``stats_names`` (a store made before a column was
+    added keeps its own columns: the sums of the ones it has)."""
+    ours = stats_names(layout, temps)
+    theirs = store.teacher_attrs(name).get("block_stats_names") or []
+    missing = [n for n in theirs if n not in ours]
+    if missing:
+        raise StoreError(f"teacher {name!r} of {store.url} has block stats {missing} this kdcache does not compute; "
+                         "upgrade kdcache to resume it")
+    return [ours.index(n) for n in theirs]
+
+
+@dataclass
+class Throughput:
+    """Where stage one's wall time went, so a user sees which of the three to scale: waiting for the loader
+    (more --workers, faster storage), in the teacher (forward + record + stats: a faster device, a larger
+    batch) or waiting for the writer (its queue full: faster storage for --out). Measured on the host, around
+    the loop of ``label_blocks``; on a GPU the teacher's share includes waiting for its kernels."""
+
+    rows: int = 0
+    wall_s: float = 0.0
+    loader_s: float = 0.0
+    teacher_s: float = 0.0
+    writer_s: float = 0.0
+    device: str | None = None  # where the teacher ran
+    workers: int | None = None  # loader worker processes
+    batch_size: int | None = None
+
+    def add(self, rows: int, wall_s: float, loader: float, teacher: float, writer: float) -> None:
+        self.rows += rows
+        self.wall_s += wall_s
+        self.loader_s += loader
+        self.teacher_s += teacher
+        self.writer_s += writer
+
+    def shares(self) -> dict[str, float]:
+        wall = self.wall_s or 1.0
+        return {"loader": self.loader_s / wall, "teacher": self.teacher_s / wall, "writer": self.writer_s / wall}
+
+    def as_dict(self) -> dict[str, Any]:
+        shares = self.shares()
+        return {"rows": self.rows, "wall_s": self.wall_s, "rows_per_s": self.rows / self.wall_s if self.wall_s else 0.0,
+                "seconds": {"loader": self.loader_s, "teacher": self.teacher_s, "writer": self.writer_s},
+                "shares": shares, "bottleneck": max(shares, key=shares.get), "device": self.device,
+                "workers": self.workers, "batch_size": self.batch_size}
+
+    def line(self) -> str:
+        d, s = self.as_dict(), self.shares()
+        return (f"{d['rows_per_s']:,.0f} rows/s ({self.rows} rows in {self.wall_s:.1f} s); time waiting for the "
+                f"loader {100 * s['loader']:.0f}%, in the teacher (forward + record + stats) "
+                f"{100 * s['teacher']:.0f}%, for the writer (queue full) {100 * s['writer']:.0f}%: "
+                f"the {d['bottleneck']} limits this run")
+
+    def write(self, path: str | os.PathLike, **context: Any) -> None:
+        """The profile as JSON (``--profile FILE.json``), with ``context`` (device, batch size, ...)."""
+        with open(path, "w") as f:
+            json.dump({**self.as_dict(), **context}, f, indent=2)
+            f.write("\n")
 
 
 class Writer:
@@ -417,9 +574,15 @@ def store_attrs(cfg: TeachConfig, dataset: ImageDataset, policy) -> dict[str, An
     }
 
 
+def resumable(cfg: TeachConfig) -> bool:
+    """True when ``cfg.out`` holds a finished store creation to resume (a creation that was interrupted is
+    started again by ``LogitStore.create``, without --overwrite, when the command is the same)."""
+    return not cfg.overwrite and LogitStore.exists(cfg.out) and not LogitStore.in_creation(cfg.out)
+
+
 def open_or_create(cfg: TeachConfig, dataset: ImageDataset, policy) -> LogitStore:
     """Resume a store made by the same command, or create it; anything else needs --overwrite."""
-    if not cfg.overwrite and LogitStore.exists(cfg.out):
+    if resumable(cfg):
         store = LogitStore.open(cfg.out, mode="r+")
         old = store.attrs.get("identity")
         if old != cfg.store_identity():
@@ -472,8 +635,28 @@ def ensure_teacher(store: LogitStore, cfg: TeachConfig, t: LoadedTeacher, num_cl
         layout=layout, temperatures=tuple(cfg.temperatures),
         stats_names=stats_names(layout, cfg.temperatures),
         attrs={"identity": identity, "spec": t.spec, **t.provenance,
-               "correction": {"name": cfg.correction, "args": cfg.resolved_correction_args()}, **extra},
+               "correction": {"name": cfg.correction, "args": cfg.resolved_correction_args()},
+               # the block stats (probe rows, float sums) depend on it: `kdcache repair` relabels with it
+               "batch_size": cfg.batch_size, **extra},
     )
+
+
+def clear_damaged_blocks(store: LogitStore, names: list[str]) -> dict[str, list[BadBlock]]:
+    """Check the store (``LogitStore.integrity``: reads every done block) and clear the done flags of the
+    teachers' bad blocks, so this run redoes them; returns them. Damage that blocks cannot mend (labels, views,
+    manifest, a teacher's arrays) is refused in one line."""
+    found = store.integrity(names)
+    if not found.repairable:
+        problems = found.problems()
+        raise CorruptionError(f"{store.url} is damaged beyond its blocks ({problems[0]}; {len(problems)} problem(s) "
+                              "in all): labels, views, the manifest and a teacher's arrays are written once and "
+                              "cannot be recomputed block by block; re-teach with --overwrite")
+    cleared = {name: bad for name, bad in found.blocks.items() if bad}
+    for name, bad in cleared.items():
+        store.reset_blocks(name, bad)
+        log.warning("kdcache: %d damaged block(s) of teacher %s in %s (first: %s); recomputing them",
+                    len(bad), name, store.url, bad[0])
+    return cleared
 
 
 def pending_blocks(store: LogitStore, names: list[str]) -> list[tuple[int, int]]:
@@ -494,6 +677,7 @@ class Job:
     device: torch.device
     size: tuple[int, int]
     teachers: list[LoadedTeacher]
+    repaired: dict[str, list[BadBlock]] = field(default_factory=dict)  # bad blocks open_store_for cleared
 
 
 def prepare(cfg: TeachConfig, dataset: ImageDataset | None = None,
@@ -519,25 +703,29 @@ def prepare(cfg: TeachConfig, dataset: ImageDataset | None = None,
 
 def open_store_for(job: Job) -> LogitStore:
     """Create or resume the store and the teachers' arrays (the driver's job, once)."""
+    resumed = resumable(job.cfg)
     store = open_or_create(job.cfg, job.dataset, job.policy)
     for t in job.teachers:
         check_weights(store, t)
         resolve_record(job, store, t)
         ensure_teacher(store, job.cfg, t, job.dataset.num_classes)
+    if resumed:  # a damaged block must not count as done: redo it (what `kdcache repair` runs)
+        job.repaired = clear_damaged_blocks(store, [t.name for t in job.teachers])
     return store
 
 
 def run_teach(cfg: TeachConfig, progress: Callable[[int, int], None] | None = None, *,
-              dataset: ImageDataset | None = None, teachers: Mapping[str, torch.nn.Module] | None = None) -> LogitStore:
+              dataset: ImageDataset | None = None, teachers: Mapping[str, torch.nn.Module] | None = None,
+              throughput: Throughput | None = None) -> LogitStore:
     """Stage one in this process; ``progress(rows_done, rows_total)`` is called after each batch
-    (``dataset``/``teachers``: the user's objects, see ``prepare``).
+    (``dataset``/``teachers``: the user's objects, see ``prepare``; ``throughput``: see ``label_blocks``).
 
     The store's driver lock is held from creating/resuming the store to the final attrs, so a
     second driver on the same store is refused (``stores/lock.py``)."""
     job = prepare(cfg, dataset, teachers)
     with DriverLock(cfg.out, break_lock=cfg.break_lock) as lock, discard_if_nothing_done(lock):
         store = open_store_for(job)
-        label_blocks(job, store, pending_blocks(store, [t.name for t in job.teachers]), progress)
+        label_blocks(job, store, pending_blocks(store, [t.name for t in job.teachers]), progress, throughput)
         finish(store, job)
     return store
 
@@ -597,9 +785,55 @@ def view_params_for(store: LogitStore, views) -> dict[str, Any]:
     return {name: SomeViews({v: per_view[v][name] for v in views}, store.num_views) for name in per_view[views[0]]}
 
 
+class RecordPath:
+    """What stage one does with one teacher's logits (the record path): per batch the record, the batch stats
+    and the error sample; per block the arrays and stats the writer stores. ``label_blocks`` runs one per
+    teacher; benchmarks/record_path.py times it without a forward."""
+
+    def __init__(self, store: LogitStore, t: LoadedTeacher, cfg: TeachConfig, bf16: bool = False):
+        self.t, self.cfg, self.bf16 = t, cfg, bf16
+        attrs = store.teacher_attrs(t.name)
+        self.columns = store_columns(store, t.name, attrs["layout"], cfg.temperatures)
+        # a store made before error_rows existed sums the declared-T error over every row: keep doing so
+        full = "error_rows" not in attrs.get("block_stats_names", [])
+        self.errors = ErrorSample(cfg.temperatures, undeclared_probe_temperatures(attrs["layout"], cfg.temperatures),
+                                  attrs["num_classes"], full)
+        self.records: list[SparseLogits | SampledLogits] = []
+        self.hits: list[torch.Tensor] = []
+        self.changed: list[torch.Tensor] = []
+        self.rows = 0
+
+    def add(self, raw: torch.Tensor, corrected: torch.Tensor, labels: torch.Tensor, views: torch.Tensor,
+            rows: torch.Tensor, block_start: int) -> None:
+        """One batch of the block that starts at store row ``block_start`` (``rows``: store rows, on the host,
+        consecutive as ``BlockBatches`` makes them)."""
+        rec = make_record(self.t, corrected, labels, views, rows, self.cfg)
+        self.errors.add(corrected, rec, int(rows[0]) - block_start)
+        self.records.append(rec)
+        self.rows += len(labels)
+        self.hits.append(top1_hits(raw, corrected, labels, rec))
+        if corrected is not raw:
+            self.changed.append((corrected != raw).any(1).sum())
+
+    def result(self, view: int, shard: int) -> BlockResult | None:
+        """The finished block for the writer (None if no batch was added); resets for the next block."""
+        if not self.records:
+            return None
+        recs, device = self.records, self.records[0].labels.device
+        hits = torch.stack(self.hits).sum().double()
+        changed = torch.stack(self.changed).sum().double() if self.changed else torch.zeros_like(hits)
+        rows = torch.tensor([float(self.rows), float(self.rows if self.bf16 else 0)], dtype=torch.float64,
+                            device=device)
+        sums = torch.cat([torch.stack([rows[0], hits, changed, rows[1]]), self.errors.totals(device)])
+        self.records, self.hits, self.changed, self.rows = [], [], [], 0
+        return BlockResult(self.t.name, view, shard, record_to_numpy(type(recs[0]).concat(recs), self.t.layout),
+                           sums.cpu().numpy()[self.columns])
+
+
 def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
-                 progress: Callable[[int, int], None] | None = None) -> int:
-    """Run every teacher that lacks a block over it and write it; returns the rows labelled."""
+                 progress: Callable[[int, int], None] | None = None, throughput: Throughput | None = None) -> int:
+    """Run every teacher that lacks a block over it and write it; returns the rows labelled. ``throughput``
+    (optional) is given the time spent waiting for the loader, in the teacher and waiting for the writer."""
     cfg, teachers, device = job.cfg, job.teachers, job.device
     for t in teachers:  # the store says which k / layout was chosen (--k auto is measured by the driver)
         bind_teacher(store, t)
@@ -614,13 +848,17 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
     writer = Writer(store)
     bf16 = cfg.amp and device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    probes = {t.name: undeclared_probe_temperatures(store.teacher_attrs(t.name)["layout"], cfg.temperatures)
-              for t in teachers}
-    parts: dict[str, list[tuple[SparseLogits | SampledLogits, torch.Tensor]]] = {t.name: [] for t in teachers}
+    paths = {t.name: RecordPath(store, t, cfg, bf16) for t in teachers}
     block_iter = iter(todo)
-    current, filled, seen, block_len = None, 0, 0, 0
+    current, filled, seen, block_len, start = None, 0, 0, 0, 0
+    clock = time.perf_counter
+    began = mark = clock()
+    waits = {"loader": 0.0, "teacher": 0.0, "writer": 0.0}
     try:
         for x, y, _view, _row in loader:
+            now = clock()
+            waits["loader"] += now - mark
+            mark = now
             if current is None:
                 current = next(block_iter)
                 start, stop = store.shard_bounds(current[1])
@@ -637,41 +875,53 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
                         raw = t.model(x)
                     raw = raw.float()
                     corrected = apply_correction(cfg.correction, raw, y, **corr_args)
-                    rec = make_record(t, corrected, y, _view, _row, cfg)
-                    stats = block_stats(raw, corrected, rec, y, cfg.temperatures, bf16, probes[t.name],
-                                        probe=filled == 0)
-                    parts[t.name].append((rec, stats))
+                    paths[t.name].add(raw, corrected, y, _view, _row, start)
             filled += len(y)
             seen += len(y)
             if progress:
                 progress(seen, total)
             if filled == block_len:
-                for t in teachers:
-                    if parts[t.name]:
-                        recs, stats = zip(*parts[t.name], strict=True)
-                        writer.put(BlockResult(t.name, current[0], current[1],
-                                               record_to_numpy(type(recs[0]).concat(list(recs)), t.layout),
-                                               torch.stack(stats).sum(0).cpu().numpy()))
-                        parts[t.name] = []
+                with torch.inference_mode():
+                    results = [r for t in teachers if (r := paths[t.name].result(*current)) is not None]
+                now = clock()
+                waits["teacher"] += now - mark
+                mark = now
+                for result in results:
+                    writer.put(result)
                 current, filled = None, 0
+            now = clock()
+            waits[("writer" if filled == 0 else "teacher")] += now - mark
+            mark = now
     finally:
         writer.close()
+        now = clock()
+        waits["writer"] += now - mark
+        if throughput is not None:
+            throughput.device, throughput.workers, throughput.batch_size = str(device), workers, cfg.batch_size
+            throughput.add(seen, now - began, **waits)
     return seen
 
 
 def teacher_summary(store: LogitStore, name: str, temps) -> dict[str, Any]:
-    """Accuracy, correction rate and measured record error over the finished blocks."""
+    """Accuracy, correction rate and measured record error over the finished blocks. The error is a mean over
+    the sampled rows (``error_rows``; every row in stores made before the sample) with its standard error
+    (``*_se``; None in stores without the sums of squares)."""
     attrs = store.teacher_attrs(name)
     total = store.block_stat_totals(name)
     rows = max(total["rows"], 1.0)
     metric = error_metric(attrs["layout"])  # sampled: KL is infinite, the gradient error instead
-    error = {str(t): float(total[f"{metric}_T{t:g}"] / rows) for t in temps}
+    error_rows = total.get("error_rows", total["rows"])
+    error, error_se = mean_and_se(total, error_rows, [(str(t), f"{metric}_T{t:g}", f"{metric}_sq_T{t:g}")
+                                                       for t in temps])
     probes = undeclared_probe_temperatures(attrs["layout"], temps)
     other = {}
     if probes:
-        probe_rows = max(total["probe_rows"], 1.0)
-        other = {"kl_at_other_temperatures": {str(t): float(total[f"kl_probe_T{t:g}"] / probe_rows) for t in probes}}
+        cols = [(str(t), f"kl_probe_T{t:g}", f"kl_probe_sq_T{t:g}") for t in probes]
+        other_kl, other_se = mean_and_se(total, total["probe_rows"], cols)
+        other = {"kl_at_other_temperatures": other_kl, "kl_at_other_temperatures_se": other_se,
+                 "probe_rows": int(total["probe_rows"])}
     sampled = attrs["layout"] == "sampled"
+    key = "grad_sq_error_by_temperature" if sampled else "kl_by_temperature"
     return {
         "rows_done": int(total["rows"]),
         "teacher_top1": float(total["teacher_correct"] / rows),
@@ -679,8 +929,22 @@ def teacher_summary(store: LogitStore, name: str, temps) -> dict[str, Any]:
         "bf16_rows": int(total["bf16_rows"]),
         "kl_by_temperature": None if sampled else error,
         **({"grad_sq_error_by_temperature": error} if sampled else {}),
+        f"{key}_se": error_se,
+        "error_rows": int(error_rows),
         **other,
     }
+
+
+def mean_and_se(total: Mapping[str, float], n: float, cols: list[tuple[str, str, str]]
+                ) -> tuple[dict[str, float], dict[str, float] | None]:
+    """{T: mean} and {T: standard error of the mean} of per-row values from their sum and sum of squares over
+    ``n`` rows; the errors are None when the store has no sums of squares (made before they were kept)."""
+    n = max(float(n), 1.0)
+    mean = {key: float(total[s] / n) for key, s, _ in cols}
+    if any(sq not in total for _, _, sq in cols):
+        return mean, None
+    var = {key: max(total[sq] / n - mean[key] ** 2, 0.0) * n / max(n - 1.0, 1.0) for key, _, sq in cols}
+    return mean, {key: math.sqrt(v / n) for key, v in var.items()}
 
 
 def config_dict(cfg: TeachConfig) -> dict[str, Any]:
@@ -694,7 +958,7 @@ TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def teach(dataset: Any, teachers: Any, out: str | os.PathLike, *, progress: bool = True, cluster: str | None = None,
-          scheduler: str | None = None, **options: Any) -> LogitStore:
+          scheduler: str | None = None, profile: str | os.PathLike | None = None, **options: Any) -> LogitStore:
     """Stage one from Python: writes the store ``kdcache teach`` writes; rerunning it resumes.
 
     ``dataset``: a spec string (``"digits"``, ``"imagefolder:PATH"``, ...) or a map-style dataset,
@@ -703,8 +967,12 @@ def teach(dataset: Any, teachers: Any, out: str | os.PathLike, *, progress: bool
     mode on the device; a resumed run needs the same weights. ``options`` are the CLI's, named as
     ``TeachConfig`` fields (``k=10, views=2, view_policy="crop-flip", correction_args={"alpha": 0.9}``).
     ``progress=False`` silences the bar. ``cluster="local:N"`` / ``scheduler="tcp://HOST:PORT"`` run on dask,
-    for spec strings only (workers rebuild the dataset and teachers from the config)."""
+    for spec strings only (workers rebuild the dataset and teachers from the config). With ``progress``, the end
+    of a single-process run prints rows/s and where the time went (``Throughput``); ``profile="FILE.json"``
+    also writes that as JSON."""
     check_options(options)
+    if profile is not None and (cluster is not None or scheduler is not None):
+        raise SpecError("profile= measures a single-process run; drop it, or run without cluster=/scheduler=")
     specs, modules = split_teachers(teachers)
     if (cluster is not None or scheduler is not None) and (not isinstance(dataset, str) or modules):
         raise SpecError("cluster=/scheduler= ship the config to dask workers, which cannot rebuild Python dataset "
@@ -719,7 +987,19 @@ def teach(dataset: Any, teachers: Any, out: str | os.PathLike, *, progress: bool
 
             return run_teach_distributed(cfg, cluster=cluster, scheduler=scheduler, progress=report,
                                          log=print if progress else None)
-        return run_teach(cfg, progress=report, dataset=user_data, teachers=modules)
+        throughput = Throughput()
+        store = run_teach(cfg, progress=report, dataset=user_data, teachers=modules, throughput=throughput)
+    report_throughput(throughput, cfg, profile, print_line=progress)
+    return store
+
+
+def report_throughput(throughput: Throughput, cfg: TeachConfig, profile: str | os.PathLike | None,
+                      print_line: bool = True, echo: Callable[[str], None] | None = None) -> None:
+    """The end-of-run line (``echo``, default stderr) and the ``--profile`` JSON of a single-process run."""
+    if print_line and throughput.rows:
+        (echo or (lambda line: print(line, file=sys.stderr)))(f"throughput: {throughput.line()}")
+    if profile is not None:
+        throughput.write(profile, out=cfg.out)
 
 
 def check_options(options: Mapping[str, Any]) -> None:

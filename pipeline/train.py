@@ -12,10 +12,12 @@ path (the baseline a cache must match).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -56,6 +58,7 @@ class TrainConfig:
     loss_args: dict[str, Any] = field(default_factory=dict)
     teacher: str | None = None
     dataset: str | None = None
+    val: str | None = None  # --val SPEC: the evaluation set; None: the dataset's test split, if it has one
     correction: str = "none"
     correction_args: dict[str, Any] = field(default_factory=dict)
     online_teacher: str | None = None
@@ -76,7 +79,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata=RESUMABLE)
     amp: bool = True
     resume: bool = field(default=False, metadata=RESUMABLE)
+    overwrite: bool = field(default=False, metadata=RESUMABLE)  # clear an existing run in --out first
     strict: bool = field(default=False, metadata=RESUMABLE)
+    allow_partial: bool = False  # an unfinished store: train on the shards done in every view (CachedLoader)
     max_steps_per_epoch: int | None = None
 
     def step_milestones(self) -> tuple[int, ...]:
@@ -110,23 +115,104 @@ def check_resume(stored: dict[str, Any] | None, current: dict[str, Any], path: P
                         f"{current.get(key)!r} here); resume with the same settings or choose a new --out")
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# (field, test, what it must be): every numeric setting, checked before anything is loaded (None: its default)
+NUMBER_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("epochs", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("max_steps_per_epoch", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("image_size", lambda v: _is_int(v) and 1 <= v <= 4096, "an integer in 1..4096 (pixels)"),
+    ("seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("lr", lambda v: v > 0, "a number > 0, e.g. 0.05"),
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
+    ("weight_decay", lambda v: v >= 0, "a number >= 0, e.g. 5e-4"),
+    ("lr_decay", lambda v: v > 0, "a number > 0, e.g. 0.1"),
+)
+
+
+def _number_ok(value: Any, test: Callable[[Any], bool]) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            and bool(test(value)))
+
+
 def validate(cfg: TrainConfig, world: int = 1) -> None:
     """Refuse settings that cannot make a run, before anything is loaded or written."""
     get_loss(cfg.loss)
-    for name in ("epochs", "batch_size"):
+    for name, test, expected in NUMBER_RULES:
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SpecError(f"--{name.replace('_', '-')} must be an integer >= 1; got {value!r}")
-    if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
-        raise SpecError(f"--max-steps-per-epoch must be >= 1; got {cfg.max_steps_per_epoch}")
+        if value is not None and not _number_ok(value, test):
+            raise SpecError(f"{_flag(name)} must be {expected}; got {value!r}")
+    if cfg.milestones is not None:
+        ms = tuple(cfg.milestones)
+        if not all(_is_int(m) and m >= 1 for m in ms) or any(a >= b for a, b in zip(ms, ms[1:], strict=False)):
+            raise SpecError(f"--milestones must be ascending epochs >= 1, e.g. 150,180,210; got "
+                            f"{','.join(map(str, ms)) or 'none'}")
     if cfg.batch_size % world:
         raise SpecError(f"--batch-size is the global batch and must be divisible by the {world} processes "
                         f"(WORLD_SIZE); got {cfg.batch_size}")
     if cfg.schedule not in ("step", "cosine"):
         raise SpecError(f"--schedule must be step or cosine; got '{cfg.schedule}'")
+    check_run_dir(cfg)
+
+
+# What makes a directory a run: a train without --resume never writes over these (--overwrite clears them).
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.parquet", "student.pt")
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """Runs are never lost: an existing run in --out needs --resume (continue) or --overwrite (replace), and
+    --resume needs a checkpoint. Nothing is written here."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SpecError(f"--out {cfg.out} is an existing file; choose a directory for the run")
+    if cfg.resume and cfg.overwrite:
+        raise SpecError("--resume continues the run in --out and --overwrite replaces it; pass only one")
+    checkpoint = out / "checkpoint.pt"
+    if cfg.resume and not checkpoint.is_file():
+        raise SpecError(f"--resume: no checkpoint at {checkpoint}, so there is nothing to continue; "
+                        "run without --resume to start (or check --out)")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not cfg.resume and not cfg.overwrite:
+        raise SpecError(f"--out {cfg.out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+                        "--overwrite to replace it, or choose a new --out")
+    check_writable(out, "--out")
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """A directory we cannot write to is one line now, not a traceback after the first epoch."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is an existing file" if probe == Path(path).absolute() else f"is inside the file {probe}"
+        raise SpecError(f"{flag} {path} {where}; choose a directory path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SpecError(f"{flag} {path} is not writable ({probe} is read-only for this user); "
+                        "choose a directory you can write to")
+
+
+@contextlib.contextmanager
+def writing(out: Path, flag: str = "--out") -> Iterator[None]:
+    """An OS error while writing the run (read-only or full disk) is one line naming the directory."""
+    try:
+        yield
+    except OSError as err:
+        raise SpecError(f"cannot write to {flag} {out}: {err.strerror or err}; choose a directory you can "
+                        "write to (with free space)") from None
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: remove the previous run's files (only those: anything else in the directory stays)."""
+    for name in (*RUN_FILES, "checkpoint.pt.tmp"):
+        (out / name).unlink(missing_ok=True)
 
 
 def check_student(model: torch.nn.Module, name: str, num_classes: int, size, device) -> None:
@@ -163,6 +249,7 @@ class DatasetEpochs:
         self.dataset, self.policy, self.size = dataset, policy, size
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.rank, self.world, self.max_steps, self.device = rank, world, max_steps, device
+        self.num_classes = dataset.num_classes
         self.epoch = 1
 
     def set_epoch(self, epoch: int) -> None:
@@ -272,7 +359,7 @@ class Run:
     cfg: TrainConfig
     ranks: Ranks
     batches: CachedLoader | DatasetEpochs
-    test: ImageDataset
+    test: ImageDataset | None  # None: no evaluation set (test_top1 / test_top5 are NaN)
     size: tuple[int, int]
     model: torch.nn.Module
     step_model: torch.nn.Module  # DDP-wrapped under torchrun; eval and state dicts use ``model``
@@ -289,9 +376,9 @@ class Run:
 
 
 def open_batches(cfg: TrainConfig, ranks: Ranks, hp: dict[str, Any]) -> tuple[CachedLoader | DatasetEpochs,
-                                                                               ImageDataset, tuple[int, int]]:
-    """The run's batches (a store's ``CachedLoader``, or fresh views of a dataset spec), its held-out
-    split and the student's input size."""
+                                                                               ImageDataset | None, tuple[int, int]]:
+    """The run's batches (a store's ``CachedLoader``, or fresh views of a dataset spec), its evaluation
+    set (``eval_dataset``) and the student's input size."""
     batch_size = cfg.batch_size // ranks.world
     if LogitStore.exists(cfg.source):
         if cfg.online_teacher and cfg.teacher and "," in cfg.teacher:
@@ -301,10 +388,11 @@ def open_batches(cfg: TrainConfig, ranks: Ranks, hp: dict[str, Any]) -> tuple[Ca
             preload=cfg.preload, view_schedule=cfg.view_schedule, image_size=cfg.image_size,
             correction=cfg.correction, correction_args=cfg.correction_args,
             loss=None if cfg.online_teacher else cfg.loss, loss_args=cfg.loss_args, strict=cfg.strict,
+            allow_partial=cfg.allow_partial,
             rank=ranks.rank, world=ranks.world, max_steps=cfg.max_steps_per_epoch, device=ranks.device,
             records=cfg.online_teacher is None)
         spec = cfg.dataset or loader.store.attrs["identity"]["dataset"]
-        return loader, load_dataset(spec, "test"), loader.size
+        return loader, eval_dataset(cfg, spec, loader.num_classes), loader.size
     try:
         train = load_dataset(cfg.source, "train")
     except SpecError:
@@ -322,7 +410,31 @@ def open_batches(cfg: TrainConfig, ranks: Ranks, hp: dict[str, Any]) -> tuple[Ca
     workers = default_workers(train) if cfg.workers is None else cfg.workers
     batches = DatasetEpochs(train, get_view_policy(cfg.view_policy), size, batch_size, workers, cfg.seed,
                             ranks.rank, ranks.world, cfg.max_steps_per_epoch, ranks.device)
-    return batches, load_dataset(cfg.source, "test"), size
+    return batches, eval_dataset(cfg, cfg.source, train.num_classes), size
+
+
+def eval_dataset(cfg: TrainConfig, spec: str, num_classes: int) -> ImageDataset | None:
+    """What the run evaluates on: --val SPEC (its test split, else all of it, e.g. imagefolder:VALDIR),
+    else the training spec's held-out test split, else nothing, with a warning (test_top1 is then NaN)."""
+    if cfg.val:
+        try:
+            test = load_dataset(cfg.val, "test")
+        except SpecError:
+            test = load_dataset(cfg.val, "train")  # a spec that is itself the evaluation set
+        if test.num_classes != num_classes:
+            raise SpecError(f"--val {cfg.val} has {test.num_classes} classes and the training data {num_classes}; "
+                            "pass an evaluation set of the same classes")
+        return test
+    if spec.startswith("python:"):
+        reason = "a Python dataset object has no spec to load a test split from"
+    else:
+        try:
+            return load_dataset(spec, "test")
+        except SpecError as err:
+            reason = str(err)
+    warnings.warn(f"training without evaluation (test_top1/test_top5 are NaN): no test split ({reason}); "
+                  "pass --val SPEC to evaluate", UserWarning, stacklevel=2)
+    return None
 
 
 def online_teacher(cfg: TrainConfig, batches: CachedLoader | DatasetEpochs, num_classes: int, size, device,
@@ -351,7 +463,7 @@ def setup(cfg: TrainConfig, ranks: Ranks) -> Run:
     validate(cfg, ranks.world)
     hp = resolve_hparams(cfg.loss, cfg.loss_args)
     batches, test, size = open_batches(cfg, ranks, hp)
-    num_classes = test.num_classes
+    num_classes = batches.num_classes
     online = online_teacher(cfg, batches, num_classes, size, ranks.device, hp)
     model = build_model(cfg.student, num_classes, seed=cfg.seed).to(ranks.device)
     check_student(model, cfg.student, num_classes, size, ranks.device)
@@ -361,16 +473,20 @@ def setup(cfg: TrainConfig, ranks: Ranks) -> Run:
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
     run = Run(cfg, ranks, batches, test, size, model, step_model, opt, hp, online, Path(cfg.out))
-    if cfg.resume and run.checkpoint.exists():  # every rank loads the same checkpoint
+    if cfg.resume:  # every rank loads the same checkpoint (check_run_dir made sure there is one)
         ckpt = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
         check_resume(ckpt.get("config"), comparable_config(cfg), run.checkpoint)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         run.metrics, run.start_epoch = ckpt["metrics"], ckpt["epoch"] + 1
-    run.out.mkdir(parents=True, exist_ok=True)
+    ranks.barrier()  # every rank has checked --out before rank 0 writes to it
     if ranks.main:
-        (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+        with writing(run.out):
+            if cfg.overwrite:
+                clear_run(run.out)
+            run.out.mkdir(parents=True, exist_ok=True)
+            (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
     return run
 
 
@@ -394,8 +510,11 @@ def train_epoch(run: Run, epoch: int, on_step: Callable[[int, int], None] | None
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         run.opt.step()
+        value = loss.item()
+        if not all_ranks_finite(run.ranks, math.isfinite(value)):
+            raise diverged(run, epoch, f"the loss is {value} at step {step + 1}")
         seen += len(y)
-        loss_sum += loss.item() * len(y)
+        loss_sum += value * len(y)
         hits += (logits.argmax(1) == y).sum().item()
         if on_step and run.ranks.main:
             on_step(step + 1, steps)
@@ -406,9 +525,14 @@ def train_epoch(run: Run, epoch: int, on_step: Callable[[int, int], None] | None
 def finish_epoch(run: Run, sums: dict[str, Any]) -> dict[str, Any]:
     """Sum the ranks' epoch totals; rank 0 evaluates and checkpoints; every rank gets the metrics row."""
     seen, loss_sum, hits = run.ranks.sum([sums["seen"], sums["loss_sum"], sums["hits"]])
+    weights = (t for t in run.model.state_dict().values() if t.is_floating_point())
+    if not all_ranks_finite(run.ranks, all(bool(torch.isfinite(t).all()) for t in weights)):
+        raise diverged(run, sums["epoch"], "the weights are not finite after its last step")
     row = None
     if run.ranks.main:
-        top1, top5 = evaluate(run.model, run.test, run.size, run.ranks.device)
+        top1 = top5 = math.nan
+        if run.test is not None:
+            top1, top5 = evaluate(run.model, run.test, run.size, run.ranks.device)
         row = {"epoch": sums["epoch"], "lr": sums["lr"], "train_loss": loss_sum / max(seen, 1),
                "train_top1": hits / max(seen, 1), "test_top1": top1, "test_top5": top5,
                "epoch_seconds": sums["seconds"], "rows_per_s": seen / max(sums["seconds"], 1e-9)}
@@ -420,12 +544,28 @@ def finish_epoch(run: Run, sums: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def all_ranks_finite(ranks: Ranks, finite: bool) -> bool:
+    """True when every rank's value is finite: under DDP all ranks stop together, or none does."""
+    return finite if ranks.world == 1 else ranks.sum([0.0 if finite else 1.0])[0] == 0
+
+
+def diverged(run: Run, epoch: int, what: str) -> SpecError:
+    """The one-line stop of a run whose loss or weights became NaN/inf: nothing of it is saved."""
+    kept = (f"{run.checkpoint} keeps the last good epoch, {run.metrics[-1]['epoch']}" if run.metrics
+            else "no epoch had finished, so no checkpoint was written")
+    lr = run.opt.param_groups[0]["lr"]
+    return SpecError(f"training diverged in epoch {epoch}: {what}; the learning rate ({lr:g} in this epoch, --lr "
+                     f"{run.cfg.lr:g}) is likely too high: rerun with a lower --lr and --overwrite ({kept}; "
+                     "no student.pt)")
+
+
 def save_checkpoint(run: Run, epoch: int) -> None:
     """metrics.parquet and checkpoint.pt after an epoch (written atomically: a kill leaves the last one)."""
-    write_metrics(run.metrics, run.out)
-    save_atomic({"epoch": epoch, "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "metrics": run.metrics, "config": comparable_config(run.cfg)},
-                run.checkpoint)
+    with writing(run.out):
+        write_metrics(run.metrics, run.out)
+        save_atomic({"epoch": epoch, "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                     "torch_rng": torch.get_rng_state(), "metrics": run.metrics,
+                     "config": comparable_config(run.cfg)}, run.checkpoint)
 
 
 def run_train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -438,10 +578,13 @@ def run_train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     labels and a student without cross-sample layers in train mode (no BatchNorm), this trains the
     same student as one process with the same global batch, up to all-reduce rounding.
     ``on_epoch`` / ``on_step`` are called on rank 0 only; every rank returns the same metrics.
+    A run never overwrites another (``check_run_dir``), and one whose loss or weights become NaN/inf
+    stops with a SpecError, keeping the last good checkpoint and writing no student.pt.
     """
     if cfg.lr is None:
         cfg = replace(cfg, lr=get_loss(cfg.loss).lr)
     ranks = init_ranks(cfg.device)
+    run = None
     try:
         run = setup(cfg, ranks)
         for epoch in range(run.start_epoch, cfg.epochs + 1):
@@ -449,11 +592,12 @@ def run_train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
             if on_epoch and ranks.main:
                 on_epoch(row)
         if ranks.main:
-            torch.save(run.model.state_dict(), run.out / "student.pt")
+            with writing(run.out):
+                torch.save(run.model.state_dict(), run.out / "student.pt")
         ranks.barrier()  # student.pt is on disk before any rank returns
-        if isinstance(run.batches, CachedLoader):
-            run.batches.close()
         return run.metrics
     finally:
+        if run is not None and isinstance(run.batches, CachedLoader):
+            run.batches.close()  # also after an error or Ctrl-C: no image workers left behind
         if ranks.owns_group and dist.is_initialized():
             dist.destroy_process_group()

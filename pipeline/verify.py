@@ -17,7 +17,7 @@ import torch
 from kdcache.corrections import apply_correction
 from kdcache.data import load_dataset
 from kdcache.replay import ViewedRows, resolve_device
-from kdcache.stores.errors import CorruptionError, StoreError
+from kdcache.stores.errors import CorruptionError, SpecError, StoreError
 from kdcache.stores.logit_store import LogitStore
 from kdcache.teach import load_teacher_for_store
 from kdcache.views import get_view_policy
@@ -26,22 +26,45 @@ from kdcache.views import get_view_policy
 @dataclass
 class VerifyReport:
     """What ``verify`` found: ``problems`` (structure, done flags, checksums), blocks done per teacher
-    as (done, total), and one ReplayReport per teacher spec checked."""
+    as (done, total), and one ReplayReport per teacher spec checked. ``ok``: nothing is damaged;
+    ``complete``: besides, every block of every teacher is done (`kdcache verify` exits 0 only then, 3 when
+    the store is merely unfinished, 2 when something is damaged)."""
 
     store: str
     problems: list[str] = field(default_factory=list)
     blocks_done: dict[str, tuple[int, int]] = field(default_factory=dict)
     replays: list[ReplayReport] = field(default_factory=list)
+    repairable: bool = True  # every problem is a bad block: `kdcache repair` mends it
+    creating: bool = False  # the store's creation has not finished (running, or killed)
 
     @property
     def ok(self) -> bool:
         return not self.problems and all(r.ok for r in self.replays)
 
+    @property
+    def unfinished(self) -> int:
+        """Blocks not done, over all teachers."""
+        return sum(total - done for done, total in self.blocks_done.values())
+
+    @property
+    def complete(self) -> bool:
+        return not self.creating and bool(self.blocks_done) and self.unfinished == 0
+
+    def finish_command(self) -> str:
+        """The command that finishes an incomplete (undamaged) store."""
+        if self.creating or not self.blocks_done:  # no teacher yet: repair has no recorded teacher to run
+            return f"rerun the `kdcache teach` command that made {self.store} (same --out)"
+        return f"kdcache repair {self.store}"
+
     def raise_for_problems(self) -> None:
         """CorruptionError (one line) unless ``ok``: the first thing a rerun of stage one must fix."""
+        if self.problems and self.repairable:
+            raise CorruptionError(f"{len(self.problems)} problem(s) in {self.store}: damaged blocks; run `kdcache "
+                                  f"repair {self.store}` to recompute them")
         if self.problems:
-            raise CorruptionError(f"{len(self.problems)} problem(s) in {self.store}; rerun `kdcache teach` with "
-                                  "--overwrite (or delete the listed shards' done flags) to rewrite them")
+            raise CorruptionError(f"{len(self.problems)} problem(s) in {self.store}: labels, views, the manifest "
+                                  "or a teacher's arrays are damaged, which cannot be recomputed block by block; "
+                                  "re-teach with --overwrite")
         for rep in self.replays:
             if not rep.ok:
                 raise CorruptionError(f"the cache does not reproduce teacher '{rep.teacher}' (excess over "
@@ -54,13 +77,23 @@ def verify(store: str | os.PathLike | LogitStore, teacher: str | Sequence[str] |
     """Structure, done flags and per-block checksums (``LogitStore.verify``); with ``teacher`` (a spec or a
     list of specs) also the replay check of ``samples`` stored (view, row) pairs per teacher, skipped when
     the store already has problems. Reports, never raises for what it finds: see ``raise_for_problems``."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:  # checked before any work
+        raise SpecError(f"--samples must be an integer >= 1 ((view, row) pairs to recompute); got {samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SpecError(f"--seed must be an integer >= 0; got {seed!r}")
+    resolve_device(device)
+    if not isinstance(store, LogitStore) and LogitStore.in_creation(store):
+        return VerifyReport(os.fspath(store), creating=True)
     st = store if isinstance(store, LogitStore) else LogitStore.open(os.fspath(store))
-    report = VerifyReport(st.url if isinstance(store, LogitStore) else os.fspath(store), st.verify())
+    found = st.integrity()
+    report = VerifyReport(st.url if isinstance(store, LogitStore) else os.fspath(store), found.problems(),
+                          repairable=found.repairable)
+    for name in st.teachers:
+        if not found.teachers.get(name):  # a teacher whose arrays are all there
+            done = st.done(name)
+            report.blocks_done[name] = (int(done.sum()), int(done.size))
     if report.problems:
         return report
-    for name in st.teachers:
-        done = st.done(name)
-        report.blocks_done[name] = (int(done.sum()), int(done.size))
     specs = [teacher] if isinstance(teacher, str) else list(teacher or [])
     report.replays = [replay_check(st, spec, samples=samples, seed=seed, device=device) for spec in specs]
     return report

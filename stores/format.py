@@ -28,16 +28,26 @@ CHECKSUM = "checksum"
 DONE = "done"
 BLOCK_STATS = "block_stats"
 STATS_NAMES = "block_stats_names"
+# A file at the store's root while LogitStore.create runs (JSON: the creator's attrs); removed last, after the
+# root attrs. A store holding it is not a store yet: the same creator starts it again (stores/logit_store.py).
+CREATING = "kdcache.creating"
+TEACHER_CREATING = "creating"  # teacher attr: true until add_teacher has made every array of the teacher
+CHECKSUM_COVERS = "checksum_covers"  # teacher attr: the arrays each block checksum walks, in order
 
 # Keys of root attrs["kdcache"] owned by the store; callers may add others but not these.
 ROOT_KEYS = ("format", "num_rows", "num_views", "shard_rows", "chunk_rows", "num_shards", "manifest_sha256",
              "root_checksums")
 # Keys of a teacher group's attrs fixed by add_teacher; set_teacher_attrs may not change them.
 TEACHER_KEYS = ("num_classes", "k", "encoding", "layout", "temperatures")
+# Optional teacher attrs the store owns (written by add_teacher; callers may neither pass nor change them).
+TEACHER_STORE_KEYS = (STATS_NAMES, CHECKSUM_COVERS, TEACHER_CREATING)
 
 # Per-(view, row) arrays of a teacher, in the fixed order the block checksum walks them.
 # ("counts" is last so adding it left the checksums of topk/dense blocks unchanged.)
 BLOCK_ORDER = ("values", "indices", "label_logit", "tail", "value_offset", "value_scale", "counts")
+# What a block checksum covers: the block's arrays, then its block_stats row. Teachers added before the stats
+# were covered have no CHECKSUM_COVERS attr: their checksums walk BLOCK_ORDER alone (checksum_covers()).
+CHECKSUM_ORDER = (*BLOCK_ORDER, BLOCK_STATS)
 COUNTS_MAX = 255  # sampled layout: draws per row, stored as uint8 counts
 SLOT_ARRAYS = ("values", "indices", "counts")  # the (V, N, k) arrays a record layout may store
 # The dtypes read_block decodes to: what a decoded block costs in RAM (kdcache.records decoded_bytes_per_row).
@@ -166,14 +176,27 @@ def check_format(attrs: Mapping, url: str) -> dict:
     return dict(meta)
 
 
-def block_checksum(encoded: Mapping[str, np.ndarray]) -> int:
-    """crc32 over the encoded (on-disk dtype, little-endian, C order) bytes of one block's arrays,
-    walked in BLOCK_ORDER, so writer and verifier agree byte for byte."""
+def block_checksum(encoded: Mapping[str, np.ndarray], covers: tuple[str, ...] = BLOCK_ORDER) -> int:
+    """crc32 over the encoded (on-disk dtype, little-endian, C order) bytes of one block's arrays (and, when
+    ``covers`` names it, its ``block_stats`` row), walked in ``covers`` order, so writer and verifier agree
+    byte for byte. Names absent from ``encoded`` are skipped."""
     crc = 0
-    for name in BLOCK_ORDER:
+    for name in covers:
         if name in encoded:
             crc = array_checksum(encoded[name], crc)
     return crc
+
+
+def checksum_covers(teacher_attrs: Mapping, schema: Mapping) -> tuple[str, ...]:
+    """The arrays a teacher's block checksums walk: its CHECKSUM_COVERS attr, or for a teacher written before
+    that attr existed, its arrays of BLOCK_ORDER (block_stats not covered)."""
+    covers = teacher_attrs.get(CHECKSUM_COVERS)
+    if covers is None:
+        return tuple(name for name in BLOCK_ORDER if name in schema)
+    if not isinstance(covers, list) or not set(covers) <= set(CHECKSUM_ORDER):
+        raise StoreError(f"teacher attr {CHECKSUM_COVERS!r} is {covers!r}, not a list of {CHECKSUM_ORDER}: the "
+                         "store is damaged; re-teach with --overwrite")
+    return tuple(covers)
 
 
 def array_checksum(arr: np.ndarray, crc: int = 0) -> int:

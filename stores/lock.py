@@ -273,8 +273,8 @@ class DriverLock:
 
     def _refusal(self, other: LockHolder | None) -> str:
         who = other.describe() if other else "an unreadable lock file"
-        return (f"{self.url} is being written by another kdcache driver: {who}. Wait for it to finish; if that "
-                f"process is gone (crashed, or another machine), rerun with --break-lock or delete {self.path}")
+        return (f"{self.url} is being written by another kdcache driver ({who[:80]}); wait, or if it is gone: "
+                f"--break-lock or delete {self.path}")
 
     def _take_over(self, stale: LockHolder) -> bool:
         """Remove a stale lock under a guard, so only one driver replaces it. True when removed."""

@@ -8,10 +8,12 @@ concurrently, because zarr has no locking and partial shard writes lose data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -26,6 +28,18 @@ from .errors import CorruptionError, StoreError
 from .lock import clear_store, is_lock_file
 
 _WRITE_CONFIG = {"write_empty_chunks": True}  # store every chunk, so -0.0 / NaN payloads survive
+
+# Test hook: ``KDCACHE_CRASH_AT=<step>`` SIGKILLs this process at that step of creating a store or adding a
+# teacher, so tests/test_integrity.py can stop creation at every step deterministically. Unset, it costs a lookup.
+CRASH_ENV = "KDCACHE_CRASH_AT"
+CREATION_STEPS = ("create:start", "create:marker", "create:labels", "create:views", "create:manifest",
+                  "create:attrs", "create:done", "teacher:group", "teacher:arrays")
+
+
+def _crash_point(step: str) -> None:
+    assert step in CREATION_STEPS, step
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def open_location(url: str | os.PathLike, *, read_only: bool) -> tuple[fsspec.AbstractFileSystem, str, object]:
@@ -76,6 +90,41 @@ class _Teacher:
     checksum: zarr.Array
     done: zarr.Array
     stats: zarr.Array
+    covers: tuple[str, ...] = fmt.BLOCK_ORDER  # what its block checksums walk (fmt.checksum_covers)
+
+
+@dataclass(frozen=True)
+class BadBlock:
+    """A block marked done that cannot be trusted, and why (checksum, unreadable chunk, done byte not 0/1)."""
+
+    teacher: str
+    view: int
+    shard: int
+    why: str
+
+    def __str__(self) -> str:
+        return f"view {self.view} shard {self.shard} of teacher {self.teacher}: {self.why}"
+
+
+@dataclass
+class Integrity:
+    """What ``LogitStore.integrity`` found. ``root`` (labels, views, manifest) and ``teachers`` (a teacher
+    group's structure) cannot be mended block by block; ``blocks`` can: clear their done flags and redo them."""
+
+    root: list[str] = field(default_factory=list)
+    teachers: dict[str, list[str]] = field(default_factory=dict)
+    blocks: dict[str, list[BadBlock]] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        out = list(self.root)
+        for name in sorted(set(self.teachers) | set(self.blocks)):
+            out += self.teachers.get(name, []) + [str(b) for b in self.blocks.get(name, [])]
+        return out
+
+    @property
+    def repairable(self) -> bool:
+        """True when every problem is a bad block (or there is none)."""
+        return not self.root and not any(self.teachers.values())
 
 
 class LogitStore:
@@ -90,6 +139,9 @@ class LogitStore:
         self._group = group
         self._meta = meta
         self._teachers: dict[str, _Teacher] = {}
+        # (teacher, view, shard) blocks a checked read found done and matching their crc32: checked once per
+        # instance (read_block(checked=True)); set.add is atomic, so reader threads may share it
+        self._verified: set[tuple[str, int, int]] = set()
 
     # ------------------------------------------------------------------ create / open
 
@@ -126,8 +178,15 @@ class LogitStore:
         manifest_bytes = mf.to_parquet_bytes(table)
 
         fs, root, store = open_location(url, read_only=False)
-        _prepare_output(fs, root, url, overwrite)
+        _prepare_output(fs, root, url, overwrite, attrs)
+        marker = f"{root}/{fmt.CREATING}"
         try:
+            fs.makedirs(root, exist_ok=True)
+            _crash_point("create:start")
+            # The marker goes first and is removed last: a kill anywhere in between leaves a store that reads as
+            # "being created", which the same creator starts again (_prepare_output), never a half-made store.
+            fs.pipe_file(marker, json.dumps(attrs, sort_keys=True).encode())
+            _crash_point("create:marker")
             # _prepare_output left the location empty; create_group (not mode="w") keeps a driver lock there
             group = zarr.create_group(store, zarr_format=3)
             group.create_group(fmt.TEACHERS)
@@ -141,6 +200,7 @@ class LogitStore:
                 dimension_names=("row",),
             )
             arr[:] = labels
+            _crash_point("create:labels")
             view_group = group.create_group(fmt.VIEWS)
             for name, data in views.items():
                 arr = view_group.create_array(
@@ -153,7 +213,9 @@ class LogitStore:
                     dimension_names=("view", "row"),
                 )
                 arr[:] = data
+                _crash_point("create:views")
             fs.pipe_file(f"{root}/{fmt.MANIFEST}", manifest_bytes)
+            _crash_point("create:manifest")
             meta = {
                 **attrs,
                 "format": fmt.FORMAT,
@@ -167,8 +229,10 @@ class LogitStore:
                 "root_checksums": {fmt.LABELS: fmt.array_checksum(labels),
                                    **{f"{fmt.VIEWS}/{name}": fmt.array_checksum(data) for name, data in views.items()}},
             }
-            # Root attrs go last: a store without them reads as half-written, never as complete.
             group.update_attributes({fmt.ATTR_KEY: meta})
+            _crash_point("create:attrs")
+            fs.rm(marker)  # the commit: from here on the store is complete
+            _crash_point("create:done")
         except BaseException:
             if fs.exists(root):
                 clear_store(fs, root)
@@ -186,6 +250,14 @@ class LogitStore:
             raise StoreError(f"{url} is a file, not a kdcache store; pass the store directory")
         if not fs.exists(root):
             raise StoreError(f"no store at {url}; check the path, or create one with `kdcache teach`")
+        if fs.exists(f"{root}/{fmt.CREATING}"):
+            raise StoreError(f"{url} is still being created, or its creation was interrupted; rerun the same "
+                             "`kdcache teach` command (it creates the store again) or pass --overwrite")
+        if not fs.exists(f"{root}/zarr.json"):  # zarr's own error would say "group not found"
+            if _looks_like_store(fs, root):
+                raise StoreError(f"{url} is not a kdcache store (zarr.json missing): re-teach with --overwrite")
+            raise StoreError(f"{url} is not a kdcache store (no zarr.json); check the path (a new store needs an "
+                             "empty or new directory)")
         try:
             group = zarr.open_group(store, mode=mode, zarr_format=3)
         except (OSError, ValueError, KeyError) as err:
@@ -201,6 +273,13 @@ class LogitStore:
         A directory holding only a driver lock (``stores/lock.py``) does not count."""
         fs, root, _ = open_location(os.fspath(url), read_only=True)
         return fs.exists(root) and (fs.isfile(root) or bool(_entries(fs, root)))
+
+    @staticmethod
+    def in_creation(url: str | os.PathLike) -> bool:
+        """True when a ``create`` at the location has not finished (running, or killed): ``create`` with the
+        same attrs starts it again, ``open`` refuses it."""
+        fs, root, _ = open_location(os.fspath(url), read_only=True)
+        return fs.exists(f"{root}/{fmt.CREATING}")
 
     @staticmethod
     def _check_labels(labels) -> np.ndarray:
@@ -260,8 +339,10 @@ class LogitStore:
 
     @property
     def teachers(self) -> list[str]:
-        """Teacher names, read from the store (another process may have added one)."""
-        return sorted(self._group[fmt.TEACHERS].group_keys())
+        """Teacher names, read from the store (another process may have added one). A teacher whose
+        ``add_teacher`` has not finished is left out: it has no data yet, and adding it again replaces it."""
+        return sorted(name for name, group in self._group[fmt.TEACHERS].groups()
+                      if not group.attrs.get(fmt.TEACHER_CREATING))
 
     def shard_bounds(self, shard: int) -> tuple[int, int]:
         """Rows [start, stop) of a shard: the unit of writing."""
@@ -288,7 +369,7 @@ class LogitStore:
         path = f"{self._root}/{fmt.MANIFEST}"
         if not self._fs.exists(path):
             raise StoreError(f"{self.url} has no {fmt.MANIFEST}; the store is incomplete, recreate it")
-        return mf.from_parquet_bytes(self._fs.cat_file(path))
+        return mf.from_parquet_bytes(self._fs.cat_file(path), f"{self.url}/{fmt.MANIFEST}")
 
     def nbytes_stored(self) -> dict[str, int]:
         """Bytes on storage per node path ("teachers/t/values", "labels", "manifest.parquet", ...),
@@ -326,13 +407,13 @@ class LogitStore:
         fmt.check_node_name(name, "teacher")
         fmt.check_teacher_spec(num_classes, k, encoding, layout, temperatures)
         attrs = _check_json(attrs or {}, "teacher attrs")
-        clash = sorted(set(attrs) & set(fmt.TEACHER_KEYS))
+        clash = sorted(set(attrs) & {*fmt.TEACHER_KEYS, fmt.CHECKSUM_COVERS, fmt.TEACHER_CREATING})
         if clash:
             raise StoreError(f"teacher attrs may not set {', '.join(clash)}: pass them as arguments")
         temps = [float(t) for t in temperatures]
         parent = self._group[fmt.TEACHERS]
         if name in parent:
-            if not replace:
+            if not replace and not parent[name].attrs.get(fmt.TEACHER_CREATING):  # an unfinished add is replaced
                 raise StoreError(
                     f"teacher {name!r} already exists in {self.url}; pick another name or pass replace=True "
                     "(the CLI: --overwrite)"
@@ -340,10 +421,15 @@ class LogitStore:
             del parent[name]
         self._teachers.pop(name, None)
         spec = {"num_classes": num_classes, "k": k, "encoding": encoding, "layout": layout, "temperatures": temps}
-        attrs = {**attrs, fmt.STATS_NAMES: list(stats_names)}
-        group = parent.create_group(name, attributes={**attrs, **spec})
+        schema = fmt.teacher_schema(num_classes, k, encoding, layout, len(temps))
+        covers = [arr for arr in fmt.CHECKSUM_ORDER if arr in schema or arr == fmt.BLOCK_STATS]
+        attrs = {**attrs, fmt.STATS_NAMES: list(stats_names), fmt.CHECKSUM_COVERS: covers, **spec}
+        # Marked as being created until its last array exists: a kill in between leaves a teacher that
+        # ``teachers`` leaves out and the next add_teacher of that name replaces (none of its blocks can be done).
+        group = parent.create_group(name, attributes={**attrs, fmt.TEACHER_CREATING: True})
+        _crash_point("teacher:group")
         v, n, c, s = self.num_views, self.num_rows, self.chunk_rows, self.shard_rows
-        for arr_name, (trail, dtype) in fmt.teacher_schema(num_classes, k, encoding, layout, len(temps)).items():
+        for arr_name, (trail, dtype) in schema.items():
             group.create_array(
                 arr_name,
                 shape=(v, n, *trail),
@@ -381,6 +467,8 @@ class LogitStore:
             fill_value=False,
             dimension_names=("view", "shard"),
         )
+        _crash_point("teacher:arrays")
+        group.attrs.put(attrs)  # one write of zarr.json: the teacher exists from here on
 
     def teacher_attrs(self, name: str) -> dict:
         """The teacher group's attrs, read fresh (the driver may have added eval results)."""
@@ -392,7 +480,7 @@ class LogitStore:
         self._require_writable()
         self._teacher(name)
         kv = _check_json(kv, "teacher attrs")
-        clash = sorted(set(kv) & set(fmt.TEACHER_KEYS))
+        clash = sorted(set(kv) & {*fmt.TEACHER_KEYS, *fmt.TEACHER_STORE_KEYS})
         if clash:
             raise StoreError(f"cannot change {', '.join(clash)} of teacher {name!r}: re-add it with replace=True")
         self._group[f"{fmt.TEACHERS}/{name}"].update_attributes(kv)
@@ -411,8 +499,9 @@ class LogitStore:
         return dict(zip(names, (float(v) for v in stats.reshape(-1, stats.shape[-1]).sum(0)), strict=True))
 
     def done(self, name: str) -> np.ndarray:
-        """(V, num_shards) bool: which blocks are completely written (read fresh)."""
-        return np.asarray(self._teacher(name).done[:], dtype=bool)
+        """(V, num_shards) bool: which blocks are completely written (read fresh). Only a flag byte of 1 counts:
+        any other non-zero byte is a damaged flag (``bad_blocks``), redone like an unfinished block."""
+        return np.asarray(self._teacher(name).done[:], dtype=bool).view(np.uint8) == 1
 
     def _teacher(self, name: str) -> _Teacher:
         if name in self._teachers:
@@ -423,6 +512,9 @@ class LogitStore:
             raise StoreError(f"no teacher {name!r} in {self.url} (teachers: {known}); check --teacher")
         group = parent[name]
         a = group.attrs.asdict()
+        if a.get(fmt.TEACHER_CREATING):
+            raise StoreError(f"teacher {name!r} of {self.url} is still being added, or adding it was interrupted; "
+                             "rerun the same `kdcache teach` command (it adds the teacher again)")
         missing = [key for key in fmt.TEACHER_KEYS if key not in a]
         if missing:
             raise StoreError(f"teacher {name!r} of {self.url} lacks attrs {', '.join(missing)}: the store is damaged; "
@@ -434,12 +526,10 @@ class LogitStore:
             checksum, done = group[fmt.CHECKSUM].with_config(_WRITE_CONFIG), group[fmt.DONE]
             stats = group[fmt.BLOCK_STATS]
         except KeyError as err:
-            raise StoreError(f"teacher {name!r} of {self.url} is missing array {err} (format 1 stores every record's "
-                             "arrays, label_logit included): the store is damaged; run `kdcache verify`, then "
-                             "re-teach that teacher with --overwrite") from None
-        t = _Teacher(
-            name, a["num_classes"], a["k"], a["encoding"], a["layout"], temps, schema, arrays, checksum, done, stats
-        )
+            raise StoreError(f"teacher {name!r} of {self.url} is missing array {err}: the store is damaged; "
+                             "run `kdcache verify`, then re-teach that teacher with --overwrite") from None
+        t = _Teacher(name, a["num_classes"], a["k"], a["encoding"], a["layout"], temps, schema, arrays, checksum,
+                     done, stats, fmt.checksum_covers(a, schema))
         self._teachers[name] = t
         return t
 
@@ -448,27 +538,43 @@ class LogitStore:
     def write_block(
         self, name: str, view: int, shard: int, record: Mapping[str, np.ndarray], stats: np.ndarray | None = None
     ) -> None:
-        """Write one (view, shard) block: every array's whole-shard region, its stats, then its
-        checksum, then its done flag. Rewriting a block is idempotent; an interrupted rewrite reads
-        as not done."""
+        """Write one (view, shard) block: every array's whole-shard region, its stats (zeros when None), then
+        its checksum (over both), then its done flag. Rewriting a block is idempotent and replaces its old
+        shards (``_drop_shards``), damaged or not; an interrupted rewrite reads as not done."""
         self._require_writable()
         t = self._teacher(name)
         self._check_view(view)
         start, stop = self.shard_bounds(shard)
         encoded = self._encode(t, record, stop - start, f"view {view} shard {shard} of teacher {name!r}")
-        if stats is not None:
-            stats = np.asarray(stats, dtype=np.float64)
-            if stats.shape != (t.stats.shape[-1],):
-                raise StoreError(f"block stats of teacher {name!r} must have shape {(t.stats.shape[-1],)}, "
-                                 f"got {stats.shape}")
+        if stats is None:  # a block written without stats has zero stats (the checksum covers them)
+            stats = np.zeros(t.stats.shape[-1])
+        stats = np.asarray(stats, dtype=np.float64)
+        if stats.shape != (t.stats.shape[-1],):
+            raise StoreError(f"block stats of teacher {name!r} must have shape {(t.stats.shape[-1],)}, "
+                             f"got {stats.shape}")
         t.done[view, shard] = False
+        self._drop_shards(t, view, shard)
         for arr_name in fmt.BLOCK_ORDER:
             if arr_name in encoded:
                 t.arrays[arr_name][view : view + 1, start:stop] = encoded[arr_name][None]
-        if stats is not None:
-            t.stats[view, shard] = stats
-        t.checksum[view, shard] = fmt.block_checksum(encoded)
+        t.stats[view, shard] = stats
+        t.checksum[view, shard] = fmt.block_checksum({**encoded, fmt.BLOCK_STATS: stats}, t.covers)
         t.done[view, shard] = True
+
+    def _drop_shards(self, t: _Teacher, view: int, shard: int) -> None:
+        """Delete the block's stored shards before rewriting them: zarr merges a write that does not fill a
+        whole shard (the store's last one) into the old shard, which fails when that shard is the damaged one."""
+        for arr in t.arrays.values():
+            key = arr.metadata.encode_chunk_key((view, shard) + (0,) * (arr.ndim - 2))
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm_file(f"{self._root}/{arr.path}/{key}")
+
+    def _block_crc(self, t: _Teacher, view: int, shard: int, raw: Mapping[str, np.ndarray]) -> int:
+        """The crc32 of block (view, shard) as stored: its rows ``raw`` (on-disk dtypes, as ``_read_raw``
+        returns them) and, when the teacher's checksums cover it, its block_stats row (read here)."""
+        if fmt.BLOCK_STATS in t.covers:
+            raw = {**raw, fmt.BLOCK_STATS: np.asarray(t.stats[view, shard], dtype=np.float64)}
+        return fmt.block_checksum(raw, t.covers)
 
     @staticmethod
     def _encode(t: _Teacher, record: Mapping, rows: int, where: str) -> dict[str, np.ndarray]:
@@ -507,48 +613,130 @@ class LogitStore:
         """The stored arrays of rows [start, stop) of a view, in their on-disk dtypes (one slice each)."""
         return {arr_name: arr[view, start:stop] for arr_name, arr in t.arrays.items()}
 
-    def read_block(self, name: str, view: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    def _read_raw_or_raise(self, t: _Teacher, view: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """``_read_raw``, a decode error deep in zarr/blosc reported as one-line corruption."""
+        try:
+            return self._read_raw(t, view, start, stop)
+        except Exception as err:
+            why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+            raise CorruptionError(f"teacher {t.name!r} view {view} rows {start}:{stop}: unreadable chunk ({why}); "
+                                  f"run `kdcache verify {self.url}`") from err
+
+    def _read_raw_checked(self, t: _Teacher, view: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Raw rows [start, stop) of a view, every block they touch done and matching its crc32.
+
+        A block not yet checked by this instance is read whole (shard-aligned) once, checked, and the
+        requested rows are cut from those bytes, so first touch costs one read of the block and later
+        reads only the rows asked for. Consecutive shards of the same status are read with one call.
+        """
+        if start == stop:
+            return self._read_raw_or_raise(t, view, start, stop)
+        s = self.shard_rows
+        shards = range(start // s, (stop - 1) // s + 1)
+        runs: list[list[int]] = []
+        for shard in shards:
+            checked = (t.name, view, shard) in self._verified
+            if runs and checked == ((t.name, view, runs[-1][-1]) in self._verified):
+                runs[-1].append(shard)
+            else:
+                runs.append([shard])
+        pieces = []
+        for run in runs:
+            a, b = max(start, run[0] * s), min(stop, (run[-1] + 1) * s)
+            if (t.name, view, run[0]) in self._verified:
+                pieces.append(self._read_raw_or_raise(t, view, a, b))
+                continue
+            lo, hi = self.shard_bounds(run[0])[0], self.shard_bounds(run[-1])[1]
+            crcs, stats = self._done_checksums(t, view, run)
+            raw = self._read_raw_or_raise(t, view, lo, hi)
+            for shard in run:
+                x, y = (i - lo for i in self.shard_bounds(shard))
+                block = {key: arr[x:y] for key, arr in raw.items()}
+                if fmt.BLOCK_STATS in t.covers:  # as _block_crc, with the run's stats read at once
+                    block[fmt.BLOCK_STATS] = stats[shard - run[0]]
+                if fmt.block_checksum(block, t.covers) != int(crcs[shard - run[0]]):
+                    raise CorruptionError(f"view {view} shard {shard} of teacher {t.name!r}: checksum mismatch "
+                                          f"(a chunk is missing or damaged); run `kdcache verify {self.url}`")
+                self._verified.add((t.name, view, shard))
+            pieces.append({key: arr[a - lo : b - lo] for key, arr in raw.items()})
+        if len(pieces) == 1:
+            return pieces[0]
+        return {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
+
+    def _done_checksums(self, t: _Teacher, view: int, shards: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The recorded crc32s and block stats of consecutive ``shards`` (indexed by shard - shards[0]),
+        refusing any that is not done (an unfinished block may hold anything). One zarr call per array for
+        the run, not three per block (those took ~8 % of a first streamed epoch in a profile)."""
+        sel = (view, slice(shards[0], shards[-1] + 1))
+        try:
+            done, crcs, stats = np.asarray(t.done[sel], dtype=bool), np.asarray(t.checksum[sel]), t.stats[sel]
+        except Exception as err:
+            why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+            raise CorruptionError(f"view {view} shards {shards[0]}-{shards[-1]} of teacher {t.name!r}: unreadable "
+                                  f"done flags, checksums or block stats ({why}); run `kdcache verify {self.url}`"
+                                  ) from err
+        if not done.all():
+            shard = shards[int(np.flatnonzero(~done)[0])]
+            raise StoreError(f"view {view} shard {shard} of teacher {t.name!r} is unfinished (its `kdcache teach` "
+                             f"run stopped early); rerun the `kdcache teach` command that made {self.url} "
+                             "(same --out) to finish it")
+        return crcs, np.asarray(stats, dtype=np.float64)
+
+    def read_block(self, name: str, view: int, start: int, stop: int, *,
+                   checked: bool = False) -> dict[str, np.ndarray]:
         """Decoded rows [start, stop) of a view: values f32 (R, k), indices int64 (R, k; not for
         dense), counts int64 (R, k; sampled only), label_logit f32 (R,), tail f32 (R, T). Any row
-        range; chunk-aligned ranges are fastest."""
+        range; chunk-aligned ranges are fastest.
+
+        ``checked`` (what stage two reads with): every block the rows touch must be done, and is
+        checked against its crc32 the first time this instance reads it (see ``_read_raw_checked``),
+        so a missing or damaged chunk is a ``CorruptionError``, never zeros or garbage. Class ids
+        outside [0, num_classes) are refused either way.
+        """
         t = self._teacher(name)
         self._check_view(view)
         if not 0 <= start <= stop <= self.num_rows:
             raise StoreError(f"rows {start}:{stop} out of range for a store of {self.num_rows} rows")
-        try:
-            raw = self._read_raw(t, view, start, stop)
-        except Exception as err:  # a decode error deep in zarr/blosc: report it as corruption
-            raise CorruptionError(
-                f"teacher {name!r} view {view} rows {start}:{stop}: unreadable chunk "
-                f"({type(err).__name__}: {err}); run `kdcache verify`"
-            ) from err
+        raw = (self._read_raw_checked if checked else self._read_raw_or_raise)(t, view, start, stop)
         decoded = fmt.DECODED_DTYPES
         out = {"values": decode_values(raw, t.encoding)}
         if "indices" in raw:
-            out["indices"] = raw["indices"].astype(decoded["indices"])
+            idx = raw["indices"]
+            if idx.size and (int(idx.max()) >= t.num_classes or int(idx.min()) < 0):
+                raise CorruptionError(f"teacher {name!r} view {view} rows {start}:{stop}: class ids outside "
+                                      f"[0, {t.num_classes}) (a damaged chunk); run `kdcache verify {self.url}`")
+            out["indices"] = idx.astype(decoded["indices"])
         if "counts" in raw:
             out["counts"] = raw["counts"].astype(decoded["counts"])
         out["label_logit"] = raw["label_logit"].astype(decoded["label_logit"])
         out["tail"] = raw["tail"].astype(decoded["tail"], copy=False)
         return out
 
-    def read_view(self, name: str, view: int) -> dict[str, np.ndarray]:
-        """A whole view, decoded (preload into RAM for training)."""
-        return self.read_block(name, view, 0, self.num_rows)
+    def read_view(self, name: str, view: int, *, checked: bool = False) -> dict[str, np.ndarray]:
+        """A whole view, decoded (preload into RAM for training); ``checked`` as in ``read_block``."""
+        return self.read_block(name, view, 0, self.num_rows, checked=checked)
 
     # ------------------------------------------------------------------ integrity
 
     def verify(self, name: str | None = None) -> list[str]:
-        """Check structure and every done block's checksum; return problems (empty means ok)."""
-        problems = self._verify_root()
-        if name is not None and name not in self.teachers:
+        """Check structure, done flags and every done block's checksum; return problems (empty means ok)."""
+        return self.integrity(name).problems()
+
+    def integrity(self, names: str | list[str] | None = None) -> Integrity:
+        """``verify`` of the root and of ``names`` (default: every teacher), sorted by what can be mended: root
+        arrays, teacher structure, bad blocks."""
+        found = Integrity(self._verify_root())
+        names = self.teachers if names is None else [names] if isinstance(names, str) else list(names)
+        for name in set(names) - set(self.teachers):
             self._teacher(name)  # raises: an unknown name is a user error, not a problem of the store
-        for teacher in [name] if name is not None else self.teachers:
+        for teacher in names:
             try:
-                problems += self._verify_teacher(teacher)
+                found.teachers[teacher] = self._verify_teacher(teacher)
+                if not found.teachers[teacher]:
+                    found.blocks[teacher] = self.bad_blocks(teacher)
             except StoreError as err:  # e.g. a teacher group that lost its attrs or an array
-                problems.append(str(err))
-        return problems
+                found.teachers[teacher] = [str(err)]
+        return found
 
     def _verify_root(self) -> list[str]:
         n, v = self.num_rows, self.num_views
@@ -607,21 +795,55 @@ class LogitStore:
             labels = self.labels()
             if labels.max() >= t.num_classes:
                 problems.append(f"teacher {name}: labels reach {labels.max()} but num_classes is {t.num_classes}")
-            done, checksums = self.done(name), np.asarray(t.checksum[:])
-        except Exception as err:
-            return [*problems, f"teacher {name}: unreadable done/checksum/labels ({type(err).__name__}: {err})"]
-        for view, shard in zip(*np.nonzero(done), strict=True):
-            where = f"view {view} shard {shard} of teacher {name}"
-            start, stop = self.shard_bounds(int(shard))
-            try:
-                raw = self._read_raw(t, int(view), start, stop)
-            except Exception as err:
-                problems.append(f"{where}: unreadable chunk ({type(err).__name__}: {err})")
-                continue
-            crc, stored = fmt.block_checksum(raw), int(checksums[view, shard])
-            if crc != stored:
-                problems.append(f"{where}: checksum mismatch (stored {stored:08x}, computed {crc:08x})")
+        except Exception:
+            pass  # unreadable labels: _verify_root reports them
         return problems
+
+    def bad_blocks(self, name: str) -> list[BadBlock]:
+        """The teacher's blocks that cannot be trusted: a done byte other than 0 or 1, or a done block that is
+        unreadable or fails its checksum (data and block_stats). Reads every done block: as costly as a read
+        of the teacher's data. ``reset_blocks`` clears their flags, so the next run redoes them."""
+        self._teachers.pop(name, None)  # check what is on storage now, not what was cached
+        t = self._teacher(name)
+        flags = self._raw_done(t)
+        bad = [BadBlock(name, int(v), int(s), _flag_text(int(flags[v, s])))
+               for v, s in np.argwhere((flags != 0) & (flags != 1))]
+        for view, shard in np.argwhere(flags == 1):
+            view, shard = int(view), int(shard)
+            start, stop = self.shard_bounds(shard)
+            try:
+                stored = int(t.checksum[view, shard])
+                crc = self._block_crc(t, view, shard, self._read_raw(t, view, start, stop))
+            except Exception as err:
+                why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+                bad.append(BadBlock(name, view, shard, f"unreadable chunk ({why})"))
+                continue
+            if crc != stored:
+                bad.append(BadBlock(name, view, shard, f"checksum mismatch (stored {stored:08x}, computed {crc:08x})"))
+        return sorted(bad, key=lambda b: (b.view, b.shard))
+
+    def _raw_done(self, t: _Teacher) -> np.ndarray:
+        """(V, num_shards) int16: each done chunk's byte as stored (0 when absent, the fill value; -1 when the
+        chunk is not one byte), read from storage, so a flag byte of 0xFE is not taken for true."""
+        out = np.zeros((self.num_views, self.num_shards), dtype=np.int16)
+        for view in range(self.num_views):
+            for shard in range(self.num_shards):
+                path = f"{self._root}/{t.done.path}/{t.done.metadata.encode_chunk_key((view, shard))}"
+                try:
+                    data = self._fs.cat_file(path)
+                except FileNotFoundError:
+                    continue
+                out[view, shard] = data[0] if len(data) == 1 else -1
+        return out
+
+    def reset_blocks(self, name: str, blocks) -> None:
+        """Clear the done flags of ``blocks`` ((view, shard) pairs, or BadBlocks) so the next run redoes them.
+        Driver only (``kdcache repair``, or ``kdcache teach`` resuming a store with bad blocks)."""
+        self._require_writable()
+        t = self._teacher(name)
+        for block in blocks:
+            view, shard = (block.view, block.shard) if isinstance(block, BadBlock) else block
+            t.done[int(view), int(shard)] = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -651,17 +873,45 @@ def _check_array(arr, what: str, shape: tuple[int, ...], dtype: np.dtype) -> lis
     return problems
 
 
-def _prepare_output(fs, root: str, url: str, overwrite: bool) -> None:
-    """Refuse to clobber files or foreign directories; clear an old store only when asked to."""
+def _flag_text(byte: int) -> str:
+    """Why a done flag is damaged (``_raw_done`` gives -1 for a chunk that is not one byte)."""
+    return "done flag chunk is not one byte" if byte < 0 else f"done flag byte {byte:#04x} is neither 0 nor 1"
+
+
+def _prepare_output(fs, root: str, url: str, overwrite: bool, attrs: Mapping) -> None:
+    """Refuse to clobber files or foreign directories; clear an old store only when asked to, or a store whose
+    creation with the same ``attrs`` was interrupted (its marker, fmt.CREATING, is still there)."""
     if fs.isfile(root):
         raise StoreError(f"{url} is an existing file; choose a directory path for the store")
     if not fs.exists(root) or not _entries(fs, root):
         return
+    if fs.exists(f"{root}/{fmt.CREATING}"):
+        creator = _creator(fs, root)
+        if overwrite or creator is None or creator == json.loads(json.dumps(attrs)):
+            clear_store(fs, root)  # nothing of it can be in use: it was never complete
+            return
+        raise StoreError(f"{url} is a store whose creation by another command was interrupted; pass --overwrite "
+                         "to replace it or choose another path")
     if not overwrite:
         raise StoreError(f"{url} already exists; choose another path or pass --overwrite to replace it")
-    if not fs.exists(f"{root}/zarr.json"):
+    if not _looks_like_store(fs, root):
         raise StoreError(f"{url} is a non-empty directory that is not a zarr store; refusing to overwrite it")
     clear_store(fs, root)
+
+
+def _creator(fs, root: str) -> dict | None:
+    """The attrs in a creation marker; None when it is unreadable (killed while writing it, the first step)."""
+    try:
+        return json.loads(fs.cat_file(f"{root}/{fmt.CREATING}"))
+    except (OSError, ValueError):
+        return None
+
+
+def _looks_like_store(fs, root: str) -> bool:
+    """A store, or what a damaged one leaves (its zarr.json gone): --overwrite may replace it, never a
+    directory of other files."""
+    marks = ("zarr.json", fmt.MANIFEST, f"{fmt.LABELS}/zarr.json", f"{fmt.TEACHERS}/zarr.json")
+    return any(fs.exists(f"{root}/{mark}") for mark in marks)
 
 
 def _entries(fs, root: str) -> list[str]:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import StoreError
+from .errors import CorruptionError, StoreError
 
 REQUIRED = {
     "row": pa.int64(),
@@ -67,8 +67,14 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def from_parquet_bytes(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
+def from_parquet_bytes(data: bytes, where: str = "the manifest") -> pa.Table:
+    """The manifest table; bytes that are not a whole Parquet file (truncated, overwritten) are corruption,
+    named in one line (``where``: the manifest's location), not pyarrow's traceback."""
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError):
+        raise CorruptionError(f"{where} is damaged ({len(data)} bytes, not a whole Parquet file); the store cannot "
+                              "map rows to images: re-teach it with --overwrite") from None
 
 
 def sha256(data: bytes) -> str:

@@ -286,8 +286,8 @@ def test_auto_through_the_cli_keeps_its_promise_and_is_reported(tmp_path):
 
 
 def test_fixed_k_stores_measure_the_error_at_undeclared_temperatures(tmp_path):
-    """A top-k store declared at T=1 records, from every block's first batch, the KL a loss at another T
-    will read (uniform tail from the T=1 mass); with one block read in one batch that sample is the same
+    """A top-k store declared at T=1 records, from every row of its blocks (a full pass up to 128 classes), the
+    KL a loss at another T will read (uniform tail from the T=1 mass); with one block those are the same
     rows `--k auto` measures on, so the two agree, and stage two's warning quotes the number."""
     from kdcache.teach import TeachConfig, run_teach
 

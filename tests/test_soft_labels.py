@@ -187,7 +187,10 @@ def test_the_quick_loader_benchmark_writes_its_json(tmp_path):
     subprocess.run([sys.executable, "benchmarks/loader.py", "--quick", "--out", str(out),
                     "--cache-dir", str(tmp_path / "cache")], check=True, cwd=ROOT, capture_output=True, timeout=300)
     res = json.loads(out.read_text())
-    assert {"machine", "settings", "targets", "serving", "growth", "images"} <= set(res)
+    assert {"machine", "settings", "targets", "serving", "growth", "checks", "images"} <= set(res)
+    for epoch in ("first_epoch", "second_epoch"):
+        for clock in ("wall", "cpu"):
+            assert res["checks"][epoch][clock]["checked_over_unchecked"]["min"] > 0
     assert {"cpu_count", "torch", "zarr", "date"} <= set(res["machine"])
     for name in ("stream", "memmap", "preload"):
         assert res["serving"]["rows_per_s"][name]["min"] > 0
@@ -197,3 +200,40 @@ def test_the_quick_loader_benchmark_writes_its_json(tmp_path):
     for by_workers in res["images"]["by_workers"].values():
         for rates in by_workers["rows_per_s"].values():
             assert rates["epoch1_with_startup"]["min"] > 0 and rates["epoch2"]["min"] > 0
+
+
+@pytest.mark.parametrize("preload", ["yes", "no"])
+@pytest.mark.parametrize("schedule", ["cycle", "random"])
+def test_shards_limits_every_order_and_share_to_those_shards_rows(store, preload, schedule):
+    """CachedLoader(allow_partial=True) serves only some shards: orders, records and DDP shares keep to them."""
+    shards = [0, 2]  # 256-row shards: rows 0..255 and 512..767 (not the store's last, short shard)
+    allowed = np.r_[0:256, 512:768]
+    softs = [SoftLabels(store, "t", preload=preload, view_schedule=schedule, shards=shards, rank=r, world=2,
+                        buffer_chunks=3) for r in range(2)]
+    whole = SoftLabels(store, "t", preload=preload, view_schedule=schedule, shards=shards, buffer_chunks=3)
+    for epoch in (1, 2):
+        order = whole.order(epoch)
+        np.testing.assert_array_equal(np.sort(order.rows), allowed)
+        assert_same(concat(list(whole.batches(order, 70, drop_last=False))), direct(store, order.views, order.rows))
+        orders = [s.order(epoch) for s in softs]
+        assert softs[0].share_rows(epoch) == [len(o) for o in orders]
+        np.testing.assert_array_equal(np.sort(np.concatenate([o.rows for o in orders])), allowed)
+    everything = SoftLabels(store, "t", preload=preload, view_schedule=schedule, shards=range(store.num_shards))
+    np.testing.assert_array_equal(everything.order(3).rows,
+                                  SoftLabels(store, "t", preload=preload, view_schedule=schedule).order(3).rows)
+
+
+def test_unfinished_blocks_are_refused_and_damaged_ones_caught(tmp_path):
+    store = make_store(tmp_path / "s.kdc")
+    zarr_done = store._teacher("t").done
+    zarr_done[1, 0] = False
+    from kdcache.stores.errors import StoreError
+
+    with pytest.raises(StoreError, match="view 1 shard 0 of teacher 't' is unfinished"):
+        SoftLabels(store, "t", preload="yes")
+    soft = SoftLabels(store, "t", preload="no", shards=[1, 2, 3])  # shard 0 left out: never read
+    list(soft.batches(soft.order(2), 32))
+    for path in (tmp_path / "s.kdc" / "teachers" / "t" / "tail" / "c" / "2" / "1").iterdir():
+        path.unlink()  # a deleted chunk reads as zeros: the checksum catches it
+    with pytest.raises(CorruptionError, match="view 2 shard 1 of teacher 't': checksum mismatch"):
+        list(soft.batches(soft.order(3), 32))

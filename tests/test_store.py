@@ -169,8 +169,11 @@ def test_done_and_checksum_only_after_a_complete_write(tmp_path):
     expected[1, 2] = True
     np.testing.assert_array_equal(store.done("t"), expected)
     raw = {name: root[f"teachers/t/{name}"][1, 600:900] for name in ("values", "indices", "label_logit", "tail")}
+    raw["block_stats"] = root["teachers/t/block_stats"][1, 2]  # covered too (teacher attr checksum_covers)
+    covers = tuple(store.teacher_attrs("t")["checksum_covers"])
+    assert covers == ("values", "indices", "label_logit", "tail", "block_stats")
     checksum = int(root["teachers/t/checksum"][1, 2])
-    assert checksum == block_checksum(raw) != 0
+    assert checksum == block_checksum(raw, covers) != 0 and checksum != block_checksum(raw)
     store.write_block("t", 1, 2, _record(300, 3, 10))  # idempotent rewrite
     assert int(root["teachers/t/checksum"][1, 2]) == checksum and store.verify("t") == []
 
@@ -324,6 +327,7 @@ def test_reopen_read_only(tmp_path):
         "layout": "topk",
         "temperatures": [1.0],
         "block_stats_names": [],
+        "checksum_covers": ["values", "indices", "label_logit", "tail", "block_stats"],
     }
     np.testing.assert_array_equal(ro.labels(), store.labels())
     assert ro.views()["flip"].shape == (2, 1000) and ro.views(1)["scale"].dtype == np.float16

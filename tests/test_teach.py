@@ -135,38 +135,6 @@ def test_state_dict_teacher(tmp_path, state_dict_path):
     assert res.exit_code == 0, res.output
 
 
-BAD_INPUTS = {
-    "unknown dataset": (["nosuchdata", "--teacher", TEACHER], "dataset"),
-    "unknown teacher": (["digits", "--teacher", "nosuch:thing:here"], "teacher"),
-    "weights missing": (["digits", "--teacher", "resnet18@/nonexistent/w.pt"], "w.pt"),
-    "k zero": (["digits", "--teacher", TEACHER, "--k", "0"], "--k"),
-    "k above classes": (["digits", "--teacher", TEACHER, "--k", "11"], "--k"),
-    "views zero": (["digits", "--teacher", TEACHER, "--views", "0"], "--views"),
-    "width mismatch": (["digits", "--teacher", "torchvision.models:resnet18"], "classes"),
-    "bad temperature": (["digits", "--teacher", TEACHER, "--temperatures", "1,-4"], "--temperatures"),
-    "no temperature": (["digits", "--teacher", TEACHER, "--temperatures", ","], "--temperatures"),
-    "loca alpha": (["digits", "--teacher", TEACHER, "--correction", "loca", "--loca-alpha", "2"], "alpha"),
-    "loca temperature": (["digits", "--teacher", TEACHER, "--correction", "loca", "--loca-temperature", "0"],
-                         "temperature"),
-    # found after the store exists: the failed first run must remove it
-    "auto over budget": (["digits", "--teacher", TEACHER, "--k", "auto", "--encoding", "uint8", "--max-kl", "1e-9"],
-                         "--max-kl"),
-    "float16 overflow": (["digits", "--teacher", "huge_logits_teacher:make"], "float16"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_one_line_exit_2_and_no_store(tmp_path, case):
-    args, needle = BAD_INPUTS[case]
-    out = tmp_path / "bad.kdc"
-    res = teach(*args, "--split", "test", "--out", str(out))
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
-    assert needle in lines[0]
-    assert not out.exists()
-
-
 def test_not_a_state_dict_is_refused(tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save([1, 2, 3], bad)

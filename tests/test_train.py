@@ -118,28 +118,6 @@ def test_teacher_from_dataset_with_ce(tmp_path):
     assert len(pq.read_table(tmp_path / "t" / "metrics.parquet")) == 2
 
 
-BAD = {
-    "fingerprint": (["--dataset", "digits?seed=3"], "fingerprint"),
-    "unknown loss": (["--loss", "nosuch"], "unknown loss"),
-    "student width": (["--student", "torchvision.models:resnet18"], "logits"),
-    "loss needs teacher on dataset": (None, "needs a teacher"),
-    "loca alpha": (["--correction", "loca", "--loca-alpha", "1.5"], "alpha"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_exit_2(tmp_path, dense_store, case):
-    extra, needle = BAD[case]
-    if extra is None:
-        args = ["train", "digits", "--student", "small_cnn", "--loss", "kd", "--out", str(tmp_path / "x")]
-    else:
-        args = ["train", str(dense_store), "--student", "small_cnn", "--out", str(tmp_path / "x"), *extra]
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], res.output
-
-
 def test_correction_on_a_corrected_store_is_refused(tmp_path):
     out = tmp_path / "sorted.kdc"
     run_teach(TeachConfig(dataset="digits", split="test", teachers=[TEACHER], out=str(out), k=3, correction="sort"))
