@@ -26,6 +26,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import re
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -362,3 +363,30 @@ def check_output_width(model: torch.nn.Module, spec: str, num_classes: int, size
             f"teacher '{spec}' outputs {tuple(out.shape[1:])} logits but the dataset has {num_classes} "
             "classes; use a teacher trained on this dataset (or :none weights, built with the right head)"
         )
+
+
+def ready_teacher(model: nn.Module, spec: str, num_classes: int, size, device: torch.device) -> nn.Module:
+    """A teacher as stage one runs it: on ``device``, in eval mode, channels_last on CUDA, head checked."""
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    check_output_width(model, spec, num_classes, size, device)
+    return model
+
+
+def build_ready_teacher(spec: str, num_classes: int, seed: int, size, device: torch.device
+                        ) -> tuple[nn.Module, dict]:
+    """``build_teacher`` then ``ready_teacher``: what stage one labels with and what verify replays with."""
+    model, provenance = build_teacher(spec, num_classes, seed=seed)
+    return ready_teacher(model, spec, num_classes, size, device), provenance
+
+
+def teacher_name(spec: str) -> str:
+    """A short store-safe name: 'torchvision:resnet18:none' -> 'resnet18', 'a.b:make' -> 'make'."""
+    if spec.startswith(("torchvision:", "timm:")):  # timm:<name>[:pretrained] and timm:<name>@ckpt -> <name>
+        base = spec.split(":")[1].partition("@")[0]
+    elif "@" in spec:
+        base = spec.split("@")[0]
+    else:
+        base = spec.rsplit(":", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "teacher"

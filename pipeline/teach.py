@@ -42,7 +42,7 @@ from kdcache.fidelity import (
     sparse_kl,
     undeclared_probe_temperatures,
 )
-from kdcache.models import build_teacher, check_output_width, state_dict_sha256
+from kdcache.models import build_ready_teacher, ready_teacher, state_dict_sha256, teacher_name
 from kdcache.progress import rows_progress
 from kdcache.records import AUTO, get_layout, layout_for_k
 from kdcache.replay import BlockBatches, ViewedRows, default_workers, replay_loader, resolve_device
@@ -136,17 +136,6 @@ class BlockResult:
     shard: int
     record: dict[str, np.ndarray]
     stats: np.ndarray
-
-
-def teacher_name(spec: str) -> str:
-    """A short store-safe name: 'torchvision:resnet18:none' -> 'resnet18', 'a.b:make' -> 'make'."""
-    if spec.startswith(("torchvision:", "timm:")):  # timm:<name>[:pretrained] and timm:<name>@ckpt -> <name>
-        base = spec.split(":")[1].partition("@")[0]
-    elif "@" in spec:
-        base = spec.split("@")[0]
-    else:
-        base = spec.rsplit(":", 1)[-1]
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "teacher"
 
 
 def validate(cfg: TeachConfig, module_names: Sequence[str] = ()) -> None:
@@ -471,12 +460,9 @@ def load_teacher(spec: str | torch.nn.Module, cfg: TeachConfig, num_classes: int
     if isinstance(spec, torch.nn.Module):
         model, provenance = module_teacher(spec, cfg.seed)
         spec = provenance["spec"]
+        model = ready_teacher(model, spec, num_classes, size, device)
     else:
-        model, provenance = build_teacher(spec, num_classes, seed=cfg.seed)
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    check_output_width(model, spec, num_classes, size, device)
+        model, provenance = build_ready_teacher(spec, num_classes, cfg.seed, size, device)
     k, layout = record_layout(cfg.k, num_classes)
     sampling = None
     if layout == "sampled":

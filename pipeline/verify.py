@@ -16,10 +16,10 @@ import torch
 
 from kdcache.corrections import apply_correction
 from kdcache.data import load_dataset
+from kdcache.models import build_ready_teacher, teacher_name
 from kdcache.replay import ViewedRows, resolve_device
 from kdcache.stores.errors import CorruptionError, SpecError, StoreError
 from kdcache.stores.logit_store import LogitStore
-from kdcache.teach import load_teacher_for_store
 from kdcache.views import get_view_policy
 
 
@@ -134,13 +134,18 @@ def replay_check(store: LogitStore, spec: str, samples: int = 64, seed: int = 0,
         raise StoreError("the dataset on this machine differs from the cached one (fingerprint); "
                          "point the dataset spec at the same data")
     dev = resolve_device(device)
-    teacher = load_teacher_for_store(store, spec, dataset.num_classes, dev)
-    tattrs = store.teacher_attrs(teacher.name)
-    bf16 = labelled_in_bf16(store, teacher.name)
-    done = store.done(teacher.name)
+    name = teacher_name(spec)
+    if name not in store.teachers:
+        raise StoreError(f"teacher '{name}' is not in {store.url} (it has: {', '.join(store.teachers) or 'none'}); "
+                         "pass one of its --teacher specs")
+    # rebuilt as the store's run built it: the same seed gives the same random (:none) weights
+    model, _ = build_ready_teacher(spec, dataset.num_classes, identity["seed"], tuple(store.attrs["input_size"]), dev)
+    tattrs = store.teacher_attrs(name)
+    bf16 = labelled_in_bf16(store, name)
+    done = store.done(name)
     pairs = [(v, r) for v, s in np.argwhere(done) for r in range(*store.shard_bounds(int(s)))]
     if not pairs:
-        raise StoreError(f"teacher '{teacher.name}' has no finished blocks to verify; run `kdcache teach` first")
+        raise StoreError(f"teacher '{name}' has no finished blocks to verify; run `kdcache teach` first")
     rng = np.random.default_rng(seed)
     pick = [pairs[i] for i in rng.choice(len(pairs), size=min(samples, len(pairs)), replace=False)]
     size = tuple(store.attrs["input_size"])
@@ -149,15 +154,15 @@ def replay_check(store: LogitStore, spec: str, samples: int = 64, seed: int = 0,
     x, y, _, _ = rows.__getitems__([(int(v), int(r)) for v, r in pick])
     x, y = x.to(dev), y.to(dev)
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda"):
-        raw = teacher.model(x).float()
+        raw = model(x).float()
     corr = tattrs["correction"]
     z = apply_correction(corr["name"], raw, y, **corr["args"]).cpu().numpy()
     diffs, excess, agree = [], [], []
     for i, (v, r) in enumerate(pick):
         try:
-            rec = store.read_block(teacher.name, int(v), int(r), int(r) + 1)
+            rec = store.read_block(name, int(v), int(r), int(r) + 1)
         except Exception as err:  # a chunk that cannot be decoded is corruption, not a bug
-            raise CorruptionError(f"view {v} row {r} of teacher '{teacher.name}' is unreadable ({err}); "
+            raise CorruptionError(f"view {v} row {r} of teacher '{name}' is unreadable ({err}); "
                                   "rerun `kdcache teach` with --overwrite") from err
         stored = rec["values"][0]
         recomputed = z[i] if "indices" not in rec else z[i][rec["indices"][0]]
@@ -169,7 +174,7 @@ def replay_check(store: LogitStore, spec: str, samples: int = 64, seed: int = 0,
         top = int(np.argmax(stored))
         best = float(recomputed.max() if "counts" in rec else z[i].max())  # sampled: among the classes drawn
         agree.append(best - float(recomputed[top]) <= float(tol[top]))
-    return ReplayReport(teacher.name, len(pick), float(max(diffs)), float(max(excess)), float(np.mean(agree)))
+    return ReplayReport(name, len(pick), float(max(diffs)), float(max(excess)), float(np.mean(agree)))
 
 
 def labelled_in_bf16(store: LogitStore, name: str) -> bool:

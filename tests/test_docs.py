@@ -61,3 +61,8 @@ def test_stores_import_neither_torch_nor_the_pipeline(path):
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_library_never_imports_the_cli(path):
     assert not {m for m in imports_of(path) if m.startswith("kdcache.cli")}
+
+
+def test_verify_replays_a_store_without_stage_one():
+    """verify rebuilds a teacher through kdcache.models, not through the stage-one loop (kdcache.teach)."""
+    assert not imports_of(ROOT / "pipeline" / "verify.py") & {"kdcache.teach", "kdcache.distributed"}
