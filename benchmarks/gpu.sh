@@ -161,7 +161,7 @@ elif what == "workers":  # kdcache's replay loader alone (decode, rrc-flip repla
     rates = {}
     for w in candidates:
         seen, t0 = 0, None
-        for x, _y, _v, _r in replay_loader(rows, BlockBatches(blocks, cfg.batch_size), w, job.device):
+        for x, *_ in replay_loader(rows, BlockBatches(blocks, cfg.batch_size), w, job.device):
             x = x.to(job.device, non_blocking=True)
             if t0 is None:  # from the first batch on: worker start-up is paid once per pass, not per batch
                 t0 = time.perf_counter()

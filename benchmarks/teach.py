@@ -115,7 +115,7 @@ def bare_pass(job: Job, src: Source) -> tuple[float, float, int]:
     sync(device)
     c0, t0 = time.process_time(), time.perf_counter()
     seen = 0
-    for x, y, _view, _row in src.loader(job):
+    for x, y, *_ in src.loader(job):
         x = x.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

@@ -133,7 +133,8 @@ def config_defaults(section: dict[str, Any], known: set[str], command: str, path
         if value is None or (from_run and name in NOT_FROM_A_RUN) or isinstance(value, dict) and name in COMMANDS:
             continue  # unset, an action of the invocation, or another command's table
         if name == "loss_args" and "loss_arg" in known and isinstance(value, dict):
-            out["loss_arg"] = [f"{k}={v}" for k, v in value.items()]
+            # a list (a run's temperatures=[1.0, 2.0]) goes back as --loss-arg temperatures=1.0,2.0
+            out["loss_arg"] = [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in value.items()]
         elif name == "correction_args" and isinstance(value, dict):
             for arg, v in value.items():
                 if arg not in CORRECTION_ARG_OPTIONS:
@@ -225,6 +226,17 @@ def _int(value: str, flag: str, expected: str) -> int:
         raise KdcacheError(f"{flag} must be {expected}; got '{value}'") from None
 
 
+def parse_view_groups(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """--view-group NAME=POLICY, repeated -> ((name, policy), ...)."""
+    groups = []
+    for item in items:
+        name, eq, spec = item.partition("=")
+        if not eq or not name.strip() or not spec.strip():
+            raise KdcacheError(f"--view-group must be NAME=POLICY, e.g. weak=crop-flip; got '{item}'")
+        groups.append((name.strip(), spec.strip()))
+    return tuple(groups)
+
+
 @app.command()
 @user_errors
 def teach(
@@ -245,7 +257,8 @@ def teach(
     loca_temperature: Annotated[float | None, typer.Option(help="Temperature LoCa calibrates at.", rich_help_panel="Record", show_default=False)] = None,
     split: Annotated[str, typer.Option(help="Dataset split to cache.", rich_help_panel="Views")] = "train",
     views: Annotated[str, typer.Option(help="Augmented views per row (at most 10000), or all (crop-flip: 162).", rich_help_panel="Views")] = "1",
-    view_policy: Annotated[str, typer.Option(help="identity | crop-flip | rrc-flip.", rich_help_panel="Views")] = "identity",
+    view_policy: Annotated[str, typer.Option(metavar="POLICY", help="Ops joined by |, e.g. 'crop-flip | randaugment:n=2 | cutout:0.5' or 'rrc-flip | trivialaugment | cutmix:p=0.5 | mixup' (`kdcache list policies`, docs/views.md).", rich_help_panel="Views")] = "identity",
+    view_group: Annotated[list[str] | None, typer.Option("--view-group", metavar="NAME=POLICY", help="Linked views instead of --view-policy: repeat, e.g. weak=crop-flip and strong='crop-flip | randaugment'; --views per group, served together in training.", rich_help_panel="Views", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seeds the row order, the views and random (:none) teacher weights.", rich_help_panel="Views")] = 0,
     out: Annotated[str, typer.Option("--out", "-o", help="Store: a directory (created) or an fsspec URL (s3://, gs://, file://).", rich_help_panel="Run", show_default=False)],
     config: ConfigOption = None,
@@ -274,7 +287,8 @@ def teach(
     cfg = TeachConfig(
         dataset=dataset, teachers=list(teacher), out=out, split=split, k=parse_k(k),
         temperatures=parse_floats(temperatures, "--temperatures"), encoding=encoding,
-        max_kl=max_kl, proposal_temperature=proposal_temperature, views=parse_views(views), view_policy=view_policy, image_size=image_size, correction=correction,
+        max_kl=max_kl, proposal_temperature=proposal_temperature, views=parse_views(views), view_policy=view_policy,
+        view_groups=parse_view_groups(view_group or []), image_size=image_size, correction=correction,
         correction_args=corr_args, seed=seed, shard_rows=shard_rows, chunk_rows=chunk_rows,
         batch_size=batch_size, workers=workers, device=device, amp=amp, overwrite=overwrite,
         break_lock=break_lock,
@@ -336,7 +350,7 @@ def inspect(
     out = Console()
     out.print(f"[bold]{info['url']}[/]  format {info['format']}  dataset {info['dataset']['spec']} "
               f"({info['dataset']['split']})  rows {info['rows']}  views {info['views']} "
-              f"({info['view_policy']['name']})  shards {info['shards']}  {info['bytes_total'] / 1e6:.2f} MB")
+              f"({info['view_policy'].get('spec', info['view_policy']['name'])})  shards {info['shards']}  {info['bytes_total'] / 1e6:.2f} MB")
     for name, t in info["teachers"].items():
         table = Table("field", "value", title=f"teacher {name}", show_header=False, title_justify="left")
         kl = t["kl_by_temperature"] or {}
@@ -439,6 +453,19 @@ def repair(
                    else f"ok: teacher {name}: nothing to repair")
 
 
+# train options whose TrainConfig field has another name
+OPTION_FIELDS = {"loss_arg": "loss_args", "loca_alpha": "correction_args", "loca_temperature": "correction_args"}
+
+
+def explicit_fields(ctx: typer.Context) -> set[str]:
+    """The TrainConfig fields set on purpose: flags typed or keys of --config, not defaults (they win over
+    --recipe, also where they equal the default)."""
+    from typer._click.core import ParameterSource
+
+    return {OPTION_FIELDS.get(p.name, p.name) for p in ctx.command.params
+            if p.name and ctx.get_parameter_source(p.name) not in (None, ParameterSource.DEFAULT)}
+
+
 def parse_kv(items: list[str] | None, flag: str) -> dict[str, str]:
     out = {}
     for item in items or []:
@@ -452,6 +479,7 @@ def parse_kv(items: list[str] | None, flag: str) -> dict[str, str]:
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="A store made by `kdcache teach`, or a dataset spec (then --loss ce).", show_default=False)],
     *,
     student: Annotated[str, typer.Option(help="resnet8x4, wrn_16_2, small_cnn, tiny_cnn, ..., a torchvision name, timm:NAME or module:factory (`kdcache list models`).", rich_help_panel="Student", show_default=False)],
@@ -459,6 +487,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seeds the student's init and the epoch orders (paired runs).", rich_help_panel="Student")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel="Student")] = "auto",
     amp: Annotated[bool, typer.Option(help="bf16 autocast on GPU.", rich_help_panel="Student")] = True,
+    recipe: Annotated[str | None, typer.Option(metavar="NAME", help="Paper settings (loss args, LR, epochs, milestones, ...) from `kdcache recipes`; flags you pass win.", rich_help_panel="Loss", show_default=False)] = None,
     loss: Annotated[str, typer.Option(help="ce | kd | dkd | ttm | wttm | clkd | sld (the papers' CIFAR-100 defaults).", rich_help_panel="Loss")] = "kd",
     loss_arg: Annotated[list[str] | None, typer.Option("--loss-arg", metavar="KEY=VALUE", help="Override a loss hyperparameter, e.g. T=4; repeatable.", rich_help_panel="Loss", show_default=False)] = None,
     teacher: Annotated[str | None, typer.Option(help="Which teacher of the store; a,b trains from their ensemble.", rich_help_panel="Loss", show_default=False)] = None,
@@ -494,6 +523,7 @@ def train(
 
     Several GPUs: `torchrun --nproc-per-node N -m kdcache.cli train ...` (--batch-size stays global).
     """
+    from kdcache.recipes import check_recipe, with_recipe
     from kdcache.train import TrainConfig, run_train
 
     corr_args: dict[str, Any] = {}
@@ -508,21 +538,24 @@ def train(
         weight_decay=weight_decay, schedule=schedule, milestones=parse_ints(milestones, "--milestones"),
         lr_decay=lr_decay, view_schedule=view_schedule, view_policy=view_policy, preload=preload,
         image_size=image_size, workers=workers, seed=seed, device=device, amp=amp, resume=resume, overwrite=overwrite,
-        strict=strict, allow_partial=allow_partial, val=val, max_steps_per_epoch=max_steps_per_epoch,
+        strict=strict, allow_partial=allow_partial, val=val, max_steps_per_epoch=max_steps_per_epoch, recipe=recipe,
     )
+    explicit = explicit_fields(ctx)
+    check_recipe(cfg)
+    cfg = with_recipe(cfg, explicit)  # resolved here too: the progress and the summary show the recipe's settings
 
     def resume_command() -> str:  # resumable once an epoch is checkpointed; before that, start again
         if (Path(out) / "checkpoint.pt").is_file():
             return again(drop=("--resume", "--overwrite"), add=("--resume",))
         return again(drop=("--resume", "--overwrite"), add=("--overwrite",)) + "   (no epoch had finished)"
 
-    with interrupted("interrupted; resume with", resume_command), EpochProgress(epochs, console=console) as shown:
-        metrics = run_train(cfg, on_epoch=shown.on_epoch, on_step=shown.on_step)
+    with interrupted("interrupted; resume with", resume_command), EpochProgress(cfg.epochs, console=console) as shown:
+        metrics = run_train(cfg, on_epoch=shown.on_epoch, on_step=shown.on_step, explicit=explicit)
     if os.environ.get("RANK", "0") != "0" or not metrics:  # under torchrun, rank 0 reports
         return
     last = metrics[-1]
     tested = "not evaluated" if last["test_top1"] != last["test_top1"] else f"test top-1 {_pct(last['test_top1'])}"
-    console.print(f"[green]trained[/] {student} ({loss}), {last['epoch']} epochs, {tested} -> {Path(out) / 'student.pt'}")
+    console.print(f"[green]trained[/] {student} ({cfg.loss}), {last['epoch']} epochs, {tested} -> {Path(out) / 'student.pt'}")
 
 
 @app.command()
@@ -598,9 +631,9 @@ def _summaries(kind: str) -> list[tuple[str, str]]:
 
         return [(name, with_defaults(first_doc_line(c.fn), c.defaults)) for name, c in CORRECTIONS.items()]
     if kind == "policies":
-        from kdcache.views import VIEW_POLICIES
+        from kdcache.views import VIEW_OPS
 
-        return [(name, first_doc_line(cls)) for name, cls in VIEW_POLICIES.items()]
+        return [(name, first_doc_line(cls)) for name, cls in VIEW_OPS.items()]
     raise KdcacheError(f"unknown kind '{kind}' for `kdcache list`; expected one of {', '.join(LIST_KINDS)}")
 
 
@@ -635,6 +668,33 @@ def list_names(
     if not entries:
         raise KdcacheError(f"no {kind} match '{pattern}'; run `kdcache list {kind}` for all of them")
     for line in format_catalog(entries):
+        typer.echo(line)
+
+
+@app.command()
+@user_errors
+def recipes(
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="One recipe in full, with the `kdcache teach` flags of a store that fits it.", show_default=False)] = None,
+    dataset: Annotated[str | None, typer.Option(help="Only the recipes for this dataset: cifar100 | imagenet.", show_default=False)] = None,
+    method: Annotated[str | None, typer.Option(help="Only this method: kd | dkd | kd+sort | dkd+sort | sld | ttm.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+) -> None:
+    """The papers' settings per teacher-student pair and dataset, each from an official config file.
+
+    `kdcache train STORE --recipe NAME` trains with one; the flags you pass win. docs/recipes.md.
+    """
+    from kdcache.recipes import describe_lines, get_recipe, select, table_lines
+
+    if name is not None:
+        recipe = get_recipe(name)
+        lines = [json.dumps(recipe.as_dict(), indent=2)] if as_json else describe_lines(recipe)
+    else:
+        chosen = select(dataset=dataset, method=method)
+        if not chosen:
+            raise KdcacheError(f"no recipe is for --method {method} on --dataset {dataset}; "
+                               "`kdcache recipes` lists them all")
+        lines = [json.dumps([r.as_dict() for r in chosen], indent=2)] if as_json else table_lines(chosen)
+    for line in lines:
         typer.echo(line)
 
 

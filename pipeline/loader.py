@@ -10,6 +10,11 @@ student from the same seed. Per batch it yields ``(images, labels, teacher)``:
   or, for ``teacher="a,b"``, an ``EnsembleRecord``): ``probs(T)``, ``log_probs(T)``, ``logits()``,
   ``to(device)``; a train-time ``correction`` is already applied.
 
+A store whose views mix (Mixup, CutMix) yields float (B, classes) ``labels``: w * onehot(y) +
+(1 - w) * onehot(y_partner), the exact mix of the pixels served (timm's mixup targets, which
+``F.cross_entropy`` takes as class probabilities). A store with view groups (``weak``, ``strong``)
+yields each of the three as a dict {group: value}: the same rows, one view of every group per step.
+
 The epoch order depends only on (seed, epoch) (``kdcache.soft_labels``); ``rank``/``world`` take
 disjoint shares that cover it, with the same number of steps on every rank. Image workers persist
 across epochs. ``state_dict()`` / ``load_state_dict()`` resume mid-epoch at the next batch.
@@ -40,7 +45,7 @@ from kdcache.ensemble import EnsembleRecord, ensemble_attrs, parse_teachers
 from kdcache.fidelity import check_store_tail_coverage
 from kdcache.losses import LOSSES, get_loss, loss_temperatures, resolve_hparams
 from kdcache.records import get_layout
-from kdcache.replay import OrderBatches, ViewedRows, default_workers, replay_loader, resolve_device
+from kdcache.replay import Mix, OrderBatches, ViewBatch, ViewedRows, default_workers, replay_loader, resolve_device
 from kdcache.soft_labels import EpochOrder, SoftLabels
 from kdcache.stores.errors import SpecError, StoreError
 from kdcache.stores.logit_store import LogitStore
@@ -138,6 +143,7 @@ def teach_command(store: LogitStore, teacher: str) -> str:
         ("--loca-alpha", (tid.get("correction_args") or {}).get("alpha")),
         ("--loca-temperature", (tid.get("correction_args") or {}).get("temperature")),
         ("--views", ident.get("views")), ("--view-policy", ident.get("view_policy")),
+        *(("--view-group", f"{g}={spec}") for g, spec in ident.get("view_groups") or ()),
         ("--image-size", ident.get("image_size")), ("--seed", ident.get("seed")),
         ("--shard-rows", ident.get("shard_rows")), ("--chunk-rows", ident.get("chunk_rows")), ("--out", store.url)]
     words = ["kdcache", "teach", dataset] + [w for flag, v in flags if v not in (None, "")
@@ -171,13 +177,17 @@ def served_shards(store: LogitStore, teachers: list[str], allow_partial: bool) -
 
 
 def check_record_use(attrs: dict[str, Any], *, loss: str | None, loss_args: dict | None, correction: str,
-                     ensemble: bool, strict: bool = False) -> None:
+                     ensemble: bool, strict: bool = False, mixes: bool = False) -> None:
     """Refuse what would silently train on the wrong thing: a correction applied twice or to an
-    ensemble, a train-time correction or a biased loss on a sampled record, a loss reading the teacher
-    at temperatures the tail does not cover (a warning unless ``strict``)."""
+    ensemble, a train-time correction or a biased loss on a sampled record, a label-reading loss or
+    correction on mixed views (``mixes``), a loss reading the teacher at temperatures the tail does not
+    cover (a warning unless ``strict``)."""
     layout = get_layout(attrs["layout"])
     stored = (attrs.get("correction") or {}).get("name", "none")
     if correction != "none":
+        if mixes:
+            raise SpecError(f"correction {correction!r} moves the label's logit, and a mixed view has two labels; "
+                            "train without a correction on a mixing store")
         if ensemble:
             raise SpecError(f"correction {correction!r} corrects one teacher's logits and an ensemble has none: "
                             "cache each teacher with `kdcache teach --correction`, or train from one teacher")
@@ -190,6 +200,9 @@ def check_record_use(attrs: dict[str, Any], *, loss: str | None, loss_args: dict
     if loss is None:
         return
     spec = get_loss(loss)
+    if mixes and spec.reads_label:
+        raise SpecError(f"loss '{loss}' reads the logit of one label, and a mixed view (Mixup, CutMix) has two; "
+                        "use kd, ttm, wttm or clkd on a mixing store, or cache views without mixing")
     if loss == "sld" and ensemble:
         raise SpecError("loss 'sld' swaps one teacher's logits and an ensemble has none; train from one teacher")
     if layout.linear_losses_only and not spec.linear_in_teacher:
@@ -237,19 +250,22 @@ class CachedLoader:
         self.correction_args = get_correction(correction).args(correction_args or {})
         self.size = self._size(image_size)
         self.allow_partial = bool(allow_partial)
+        self.policy = view_policy_from_record(self.store.attrs["view_policy"])
+        # view groups: their names and the first view of each; a plain store is one unnamed group at 0
+        self.groups: tuple[str, ...] | None = tuple(self.policy.groups) if self.policy.groups else None
+        self._offsets = tuple(r.start for r in self.policy.groups.values()) if self.groups else (0,)
         self.members = self._members(teacher, preload, view_schedule)
         self.teacher = ",".join(m.name for m in self.members)
         self.teacher_attrs = self._teacher_attrs()
         self.records = records  # False: images and labels only, in the same order (a live teacher's baseline)
         if records:
             check_record_use(self.teacher_attrs, loss=loss, loss_args=loss_args, correction=correction,
-                             ensemble=len(self.members) > 1, strict=strict)
+                             ensemble=len(self.members) > 1, strict=strict, mixes=self.policy.mixes)
         self._order_source = self.members[0].soft
-        policy = view_policy_from_record(self.store.attrs["view_policy"])
-        self.rows = ViewedRows(self.dataset, policy, self.store.views(), self.store.manifest_column("dataset_index"),
-                               self.size, transform)
+        self.rows = ViewedRows(self.dataset, self.policy, self.store.views(),
+                               self.store.manifest_column("dataset_index"), self.size, transform)
         self.workers = default_workers(self.dataset) if workers is None else workers
-        self._sampler = OrderBatches(self.batch_size)
+        self._sampler = OrderBatches(self.batch_size, self._offsets)
         self._images = replay_loader(self.rows, self._sampler, self.workers, self.device, persistent=True)
         self.epoch = 1
         self._served = 0  # batches of self.epoch already served (mid-epoch resume continues after them)
@@ -275,8 +291,9 @@ class CachedLoader:
             need = sum(get_layout(a["layout"]).decoded_bytes_per_row(a) for a in attrs)
             preload = "yes" if need * self.store.num_rows * self.store.num_views <= PRELOAD_BUDGET else "no"
         shards = served_shards(self.store, names, self.allow_partial)
+        slots = self.store.num_views // len(self._offsets)
         return [Member(n, a, SoftLabels(self.store, n, preload=preload, view_schedule=view_schedule, seed=self.seed,
-                                        rank=self.rank, world=self.world, shards=shards))
+                                        rank=self.rank, world=self.world, shards=shards, view_slots=slots))
                 for n, a in zip(names, attrs, strict=True)]
 
     def _only_teacher(self) -> list[str]:
@@ -326,21 +343,39 @@ class CachedLoader:
         epoch, skip = self.epoch, self._served
         order, steps = self.order(epoch), self.steps(epoch)
         self._sampler.set_order(order.views, order.rows, steps, skip)
-        soft = [m.soft.batches(order, self.batch_size, skip=skip) for m in self.members] if self.records else []
+        # one soft-label stream per (member, group): group g reads the same rows at views shifted to its own
+        soft = [[m.soft.batches(order.shifted(offset), self.batch_size, skip=skip) for offset in self._offsets]
+                for m in self.members] if self.records else []
         self._batches = iter(self._images)
         try:
             for _ in range(steps - skip):
-                x, y, _views, _rows = next(self._batches)
-                if len(x) != len(y):
-                    raise SpecError(f"the transform changed the batch size from {len(y)} to {len(x)}; it must map "
-                                    "a batch (B, C, H, W) to (B, ...)")
-                teacher = self._record([next(s) for s in soft], y) if soft else None
+                batch: ViewBatch = next(self._batches)
+                if len(batch.images) != len(batch.labels):
+                    raise SpecError(f"the transform changed the batch size from {len(batch.labels)} to "
+                                    f"{len(batch.images)}; it must map a batch (B, C, H, W) to (B, ...)")
+                per_group = [self._serve(batch, g, [streams[g] for streams in soft]) for g in range(len(self._offsets))]
                 self._served += 1
-                yield x, y, teacher
+                if self.groups is None:
+                    yield per_group[0]
+                else:
+                    yield tuple({name: part[i] for name, part in zip(self.groups, per_group, strict=True)}
+                                for i in range(3))
         finally:
-            for s in soft:
-                s.close()
+            for streams in soft:
+                for s in streams:
+                    s.close()
             self._batches = None
+
+    def _serve(self, batch: ViewBatch, group: int, streams: list) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Group ``group``'s part of a rendered batch: (images, labels or mixed targets, teacher record)."""
+        b = len(batch.labels) // len(self._offsets)
+        part = slice(group * b, (group + 1) * b)
+        x, y = batch.images[part], batch.labels[part]
+        teacher = self._record([next(s) for s in streams], y) if streams else None
+        if batch.mix is not None:
+            mix = Mix(batch.mix.partner_labels[part], batch.mix.weights[part])
+            y = mix.targets(y, self.num_classes)
+        return x, y, teacher
 
     def _record(self, batches: list[dict[str, np.ndarray]], labels: torch.Tensor):
         y = labels.to(self.device, non_blocking=True)

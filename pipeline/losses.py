@@ -276,25 +276,26 @@ class LossSpec:
     temperatures: Callable[[Mapping[str, Any]], tuple[float, ...]]
     linear_in_teacher: bool = False
     lr: float = 0.05  # the paper's CIFAR-100 SGD learning rate (ResNet/WRN students, batch 64)
+    reads_label: bool = False  # it reads the label's logit (DKD's target split, SLD's swap): one label per row
 
 
 def _spec(fn: Callable[..., Tensor], temperatures, needs_teacher: bool = True,
-          linear_in_teacher: bool = False, lr: float = 0.05) -> LossSpec:
+          linear_in_teacher: bool = False, lr: float = 0.05, reads_label: bool = False) -> LossSpec:
     """Register ``fn`` with the keyword defaults of its own signature (one source of truth)."""
     params = inspect.signature(fn).parameters.values()
     defaults = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "epoch"}
-    return LossSpec(fn, MappingProxyType(defaults), needs_teacher, temperatures, linear_in_teacher, lr)
+    return LossSpec(fn, MappingProxyType(defaults), needs_teacher, temperatures, linear_in_teacher, lr, reads_label)
 
 
 LOSSES: dict[str, LossSpec] = {
     "ce": _spec(ce, lambda hp: (), needs_teacher=False, linear_in_teacher=True),
     "kd": _spec(kd, lambda hp: (float(hp["T"]),), linear_in_teacher=True),
-    "dkd": _spec(dkd, lambda hp: (float(hp["T"]),)),
+    "dkd": _spec(dkd, lambda hp: (float(hp["T"]),), reads_label=True),
     "ttm": _spec(ttm, lambda hp: (1.0 / hp["gamma"],), linear_in_teacher=True),
     "wttm": _spec(wttm, lambda hp: (1.0, 1.0 / hp["gamma"])),
     "clkd": _spec(clkd, lambda hp: (1.0,)),  # raw logits: the tail is reconstructed from its T=1 mass
     # SLD's CIFAR-100 configs train ResNet/WRN/VGG8 students at LR 0.025 (docs/methods.md, "sld")
-    "sld": _spec(sld, lambda hp: tuple(float(t) for t in hp["temperatures"]), lr=0.025),
+    "sld": _spec(sld, lambda hp: tuple(float(t) for t in hp["temperatures"]), lr=0.025, reads_label=True),
 }
 
 

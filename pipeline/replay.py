@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import sys
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,11 +28,39 @@ def pairs(views, rows) -> np.ndarray:
     return np.stack([views.ravel(), rows.ravel()], axis=1)
 
 
+class Mix(NamedTuple):
+    """How the views of a batch mix (``None`` in ``ViewBatch.mix`` when the policy never mixes): each row's
+    partner label and the weight of the row's own label (1 where the view did not mix)."""
+
+    partner_labels: torch.Tensor  # (B,) int64
+    weights: torch.Tensor  # (B,) float32
+
+    def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """(B, num_classes) float targets w * onehot(y) + (1 - w) * onehot(y_partner), as timm's mixup
+        labels (``F.cross_entropy`` takes them as class probabilities)."""
+        w = self.weights.to(labels.device, torch.float32)[:, None]
+        own = torch.nn.functional.one_hot(labels, num_classes).float()
+        theirs = torch.nn.functional.one_hot(self.partner_labels.to(labels.device), num_classes).float()
+        return w * own + (1 - w) * theirs
+
+
+class ViewBatch(NamedTuple):
+    """A rendered batch: normalised images (B, C, H, W), the rows' int64 labels, their views and rows,
+    and ``mix`` (``Mix``) when the policy mixes views."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    views: torch.Tensor
+    rows: torch.Tensor
+    mix: Mix | None = None
+
+
 class ViewedRows(torch.utils.data.Dataset):
     """(view, row) -> normalised image of store row ``row`` under view ``view``'s stored parameters.
 
     ``view_params[name][view, row]`` are the policy's parameters (``kdcache.views``), and
-    ``dataset_index[row]`` the dataset item behind store row ``row``. ``transform`` (optional) runs
+    ``dataset_index[row]`` the dataset item behind store row ``row``. A mixing view also reads its
+    partner row's image (the partner is a store row, stored with the view). ``transform`` (optional) runs
     after replay and normalisation on the whole batch (B, C, H, W) and must keep the batch size.
     """
 
@@ -51,25 +80,36 @@ class ViewedRows(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
         """One (view, row): its image (C, H, W), label, view and row."""
-        x, y, v, r = self.__getitems__(pairs([item[0]], [item[1]]))
-        return x[0], int(y[0]), int(v[0]), int(r[0])
+        batch = self.__getitems__(pairs([item[0]], [item[1]]))
+        return batch.images[0], int(batch.labels[0]), int(batch.views[0]), int(batch.rows[0])
 
-    def __getitems__(self, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A whole batch at once (the DataLoader calls this): images, labels, views, rows."""
+    def __getitems__(self, items) -> ViewBatch:
+        """A whole batch at once (the DataLoader calls this)."""
         items = np.asarray(items, dtype=np.int64).reshape(-1, 2)
         views, rows = items[:, 0], items[:, 1]
         samples = [self.dataset[int(i)] for i in self.dataset_index[rows]]
         labels = torch.as_tensor([label for _, label in samples], dtype=torch.int64)
         params = {name: arr[views, rows] for name, arr in self.view_params.items()}
+        partner_rows = self.policy.partner_rows(params)
+        partners, mix = None, None
+        if partner_rows is not None:
+            wanted = np.unique(partner_rows[partner_rows >= 0])
+            theirs = {int(p): self.dataset[int(self.dataset_index[p])] for p in wanted}
+            partners = [theirs[p][0] if p >= 0 else None for p in partner_rows.tolist()]
+            partner_labels = [theirs[p][1] if p >= 0 else y
+                              for p, y in zip(partner_rows.tolist(), labels.tolist(), strict=True)]
+            weights = self.policy.mix_weights(params, self.size)
+            mix = Mix(torch.as_tensor(partner_labels, dtype=torch.int64), torch.as_tensor(weights, dtype=torch.float32))
         if self.dataset.image_size is None:  # images of many sizes: replay one by one, then stack
-            x = torch.stack([self.policy.apply(image, {k: v[i].item() for k, v in params.items()}, self.size)
+            x = torch.stack([self.policy.apply(image, {k: v[i].item() for k, v in params.items()}, self.size,
+                                               None if partners is None else partners[i])
                              for i, (image, _) in enumerate(samples)])
         else:
-            x = self.policy.apply_batch(torch.stack([image for image, _ in samples]), params, self.size)
+            x = self.policy.apply_batch(torch.stack([image for image, _ in samples]), params, self.size, partners)
         x = (x - self.mean).div_(self.std)  # one new tensor: the policy's output may alias its input
         if self.transform is not None:
             x = self.transform(x)
-        return x, labels, torch.from_numpy(views), torch.from_numpy(rows)
+        return ViewBatch(x, labels, torch.from_numpy(views), torch.from_numpy(rows), mix)
 
 
 def already_batched(batch):
@@ -98,10 +138,13 @@ class OrderBatches(torch.utils.data.Sampler):
 
     The order is swapped in by ``set_order`` each epoch while persistent workers stay up; only full
     batches are served (one short batch when the epoch is smaller than a batch), at most ``steps``.
+    ``offsets`` (view groups, ``kdcache.views.ViewGroups``): each slice is served once per offset, its
+    views shifted by it, in one batch (group g's rows after group g-1's).
     """
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, offsets: Sequence[int] = (0,)):
         self.batch_size = batch_size
+        self.offsets = np.asarray(offsets, dtype=np.int64)
         self.views = self.rows = np.zeros(0, dtype=np.int64)
         self.steps: int | None = None
         self.skip = 0
@@ -118,7 +161,8 @@ class OrderBatches(torch.utils.data.Sampler):
         b = self.batch_size
         size = b if len(self.rows) >= b else len(self.rows)
         for i in range(self.skip, self.skip + len(self)):
-            yield pairs(self.views[i * b : i * b + size], self.rows[i * b : i * b + size])
+            views, rows = self.views[i * b : i * b + size], self.rows[i * b : i * b + size]
+            yield pairs((views[None, :] + self.offsets[:, None]).ravel(), np.tile(rows, len(self.offsets)))
 
 
 def worker_context(workers: int):

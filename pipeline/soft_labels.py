@@ -54,6 +54,14 @@ class EpochOrder:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def shifted(self, offset: int) -> EpochOrder:
+        """The same rows with every view moved by ``offset`` (view group g's views start at g * V)."""
+        if not offset:
+            return self
+        buffers = None if self.buffers is None else [
+            Buffer(b.chunks, b.views + offset, b.start, b.stop) for b in self.buffers]
+        return EpochOrder(self.rows, self.views + offset, buffers)
+
 
 @dataclass
 class Buffer:
@@ -79,7 +87,8 @@ class SoftLabels:
 
     def __init__(self, store: LogitStore, teacher: str, preload: str = "auto", view_schedule: str = "cycle",
                  seed: int = 0, buffer_chunks: int = 16, ram_budget_bytes: int = 8 << 30, rank: int = 0,
-                 world: int = 1, shards: np.ndarray | list[int] | None = None, checked: bool = True):
+                 world: int = 1, shards: np.ndarray | list[int] | None = None, checked: bool = True,
+                 view_slots: int | None = None):
         if view_schedule not in ("cycle", "random"):
             raise SpecError(f"--view-schedule must be cycle or random; got '{view_schedule}'")
         if preload not in ("auto", "yes", "no"):
@@ -95,6 +104,9 @@ class SoftLabels:
         self.buffer_chunks = buffer_chunks
         self.rank, self.world = rank, world
         self.num_rows, self.num_views = store.num_rows, store.num_views
+        # the views an epoch order draws from: all of them, or (view groups) the slots 0..V-1 of one group,
+        # shifted to each group's views by ``EpochOrder.shifted``
+        self.view_slots = self.num_views if view_slots is None else int(view_slots)
         self.chunk = store.chunk_rows
         self.num_chunks = -(-self.num_rows // self.chunk)
         self.checked = checked  # False only to measure what the checks cost (benchmarks/loader.py)
@@ -217,8 +229,8 @@ class SoftLabels:
 
     def _views(self, rng: np.random.Generator, n: int, epoch: int) -> np.ndarray:
         if self.view_schedule == "cycle":
-            return np.full(n, (epoch - 1) % self.num_views, dtype=np.int64)
-        return rng.integers(0, self.num_views, size=n)
+            return np.full(n, (epoch - 1) % self.view_slots, dtype=np.int64)
+        return rng.integers(0, self.view_slots, size=n)
 
     # ------------------------------------------------------------------ serving
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 
 from kdcache._version import __version__
 from kdcache.corrections import apply_correction, get_correction
@@ -51,7 +50,7 @@ from kdcache.sparse import SparseLogits, check_temperatures
 from kdcache.stores.errors import CorruptionError, SpecError, StoreError
 from kdcache.stores.lock import DriverLock
 from kdcache.stores.logit_store import BadBlock, LogitStore
-from kdcache.views import MAX_VIEWS, get_view_policy
+from kdcache.views import MAX_VIEWS, ViewGroups, ViewPolicy, policy_from_spec, view_groups
 
 DEFAULT_TEMPERATURES = (1.0, 4.0)
 MAX_IMAGE_SIZE = 4096  # --image-size: pixels per side a teacher is run at
@@ -91,7 +90,10 @@ class TeachConfig:
     # --k sampled:S: declared T of the proposal (default: largest)
     proposal_temperature: float | None = identity(TEACHER, None, when=lambda c: is_sampled(c.k))
     views: int | str = identity(STORE, 1)
-    view_policy: str = identity(STORE, "identity")
+    view_policy: str = identity(STORE, "identity")  # a policy string: 'crop-flip | randaugment | cutout:0.5'
+    # named linked views (--view-group weak=SPEC): views of each group per row, served together in stage two
+    view_groups: tuple[tuple[str, str], ...] = identity(STORE, (), value=lambda c: [list(g) for g in c.view_groups],
+                                                        when=lambda c: bool(c.view_groups))
     image_size: int | None = identity(STORE, None)
     seed: int = identity(STORE, 0)
     shard_rows: int = identity(STORE, 65536)
@@ -173,9 +175,22 @@ def validate(cfg: TeachConfig, module_names: Sequence[str] = ()) -> None:
     if cfg.batch_size < 1:
         raise SpecError(f"--batch-size must be >= 1; got {cfg.batch_size}")
     cfg.resolved_correction_args()
+    policy = view_policy(cfg)
+    if policy.mixes and cfg.correction != "none":
+        raise SpecError(f"--correction {cfg.correction} moves the label's logit, and a mixed view has two labels; "
+                        "cache mixed views without a correction (or drop the mixing ops)")
     names = [teacher_name(s) for s in cfg.teachers] + list(module_names)
     if len(set(names)) != len(names):
         raise SpecError(f"two --teacher specs map to the same store name ({names}); give distinct teachers")
+
+
+def view_policy(cfg: TeachConfig) -> ViewPolicy | ViewGroups:
+    """The policy of ``--view-policy`` or of the ``--view-group`` pairs (one or the other)."""
+    if not cfg.view_groups:
+        return policy_from_spec(cfg.view_policy)
+    if cfg.view_policy != "identity":
+        raise SpecError("pass --view-policy (one view per step) or --view-group (linked views), not both")
+    return view_groups([tuple(g) for g in cfg.view_groups])
 
 
 def is_sampled(k: int | str) -> bool:
@@ -506,7 +521,7 @@ def probe_logits(job: Job, store: LogitStore, t: LoadedTeacher, rows: int) -> tu
     autocast = torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=cfg.amp and job.device.type == "cuda")
     out, labels = [], []
     with torch.inference_mode():
-        for x, y, _view, _row in replay_loader(viewed, BlockBatches(blocks, cfg.batch_size), workers, job.device):
+        for x, y, *_ in replay_loader(viewed, BlockBatches(blocks, cfg.batch_size), workers, job.device):
             x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
             if job.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -552,8 +567,7 @@ def store_attrs(cfg: TeachConfig, dataset: ImageDataset, policy) -> dict[str, An
         "dataset": {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint(),
                     "num_classes": dataset.num_classes},
         "num_classes": dataset.num_classes,
-        "view_policy": {"name": policy.name, "args": policy.args,
-                        "torchvision": torchvision.__version__},
+        "view_policy": policy.record(),
         "input_size": list(input_size(cfg, dataset)),
         "row_seed": cfg.seed,
         "created_with": {"kdcache": __version__, "torch": torch.__version__},
@@ -582,7 +596,7 @@ def open_or_create(cfg: TeachConfig, dataset: ImageDataset, policy) -> LogitStor
     n = len(dataset)
     perm = np.random.default_rng(cfg.seed).permutation(n)
     # images of many sizes (imagefolder): aspect-dependent views (rrc-flip) need each image's (H, W)
-    sizes = dataset.image_sizes()[perm] if dataset.image_size is None and policy.name == "rrc-flip" else None
+    sizes = dataset.image_sizes()[perm] if dataset.image_size is None and policy.aspect_dependent else None
     views = policy.sample(cfg.views, n, dataset.image_size, seed=cfg.seed, image_sizes=sizes)
     labels = np.asarray(dataset.labels)[perm]
     manifest = {
@@ -679,7 +693,7 @@ def prepare(cfg: TeachConfig, dataset: ImageDataset | None = None,
         dataset = load_dataset(cfg.dataset, cfg.split)
     else:
         cfg.dataset, cfg.split = dataset.spec, dataset.split
-    policy = get_view_policy(cfg.view_policy)
+    policy = view_policy(cfg)
     device = resolve_device(cfg.device)
     size = input_size(cfg, dataset)
     loaded = [load_teacher(s, cfg, dataset.num_classes, size, device) for s in cfg.teachers]
@@ -841,7 +855,7 @@ def label_blocks(job: Job, store: LogitStore, todo: list[tuple[int, int]],
     began = mark = clock()
     waits = {"loader": 0.0, "teacher": 0.0, "writer": 0.0}
     try:
-        for x, y, _view, _row in loader:
+        for x, y, _view, _row, _mix in loader:
             now = clock()
             waits["loader"] += now - mark
             mark = now

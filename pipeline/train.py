@@ -18,7 +18,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,14 @@ from kdcache.data import ImageDataset, load_dataset
 from kdcache.loader import CachedLoader
 from kdcache.losses import get_loss, loss_temperatures, resolve_hparams
 from kdcache.models import build_model, build_teacher, check_output_width
+from kdcache.recipes import check_recipe, with_recipe
 from kdcache.records import get_layout
 from kdcache.replay import OrderBatches, ViewedRows, default_workers, pairs, replay_loader, resolve_device
 from kdcache.soft_labels import epoch_rng
 from kdcache.sparse import SparseLogits, check_temperatures
 from kdcache.stores.errors import SpecError
 from kdcache.stores.logit_store import LogitStore
-from kdcache.views import get_view_policy
+from kdcache.views import get_view_policy, policy_from_spec
 
 # A field marked RESUMABLE may differ when a run is resumed: how long it goes on and where/how it
 # runs, not what it trains. Every other field is compared against the checkpoint (comparable_config).
@@ -83,6 +84,8 @@ class TrainConfig:
     strict: bool = field(default=False, metadata=RESUMABLE)
     allow_partial: bool = False  # an unfinished store: train on the shards done in every view (CachedLoader)
     max_steps_per_epoch: int | None = None
+    # a paper's settings (kdcache.recipes, `kdcache recipes`) for the fields not set; resolved by run_train
+    recipe: str | None = None
 
     def step_milestones(self) -> tuple[int, ...]:
         """mdistiller's CIFAR decay points (150/180/210 of 240) scaled to the run's length."""
@@ -272,8 +275,9 @@ class DatasetEpochs:
         viewed = ViewedRows(self.dataset, self.policy, params, np.arange(n), self.size)
         sampler = OrderBatches(self.batch_size)
         sampler.set_order(np.zeros(len(rows), dtype=np.int64), rows, self.steps())
-        for x, y, _views, _rows in replay_loader(viewed, sampler, self.workers, self.device):
-            yield x, y, None
+        for batch in replay_loader(viewed, sampler, self.workers, self.device):
+            y = batch.labels if batch.mix is None else batch.mix.targets(batch.labels, self.num_classes)
+            yield batch.images, y, None
 
 
 def evaluate(model: torch.nn.Module, dataset: ImageDataset, size, device, batch_size: int = 512) -> tuple[float, float]:
@@ -284,7 +288,7 @@ def evaluate(model: torch.nn.Module, dataset: ImageDataset, size, device, batch_
     hits1 = hits5 = 0
     with torch.inference_mode():
         for a in range(0, len(dataset), batch_size):
-            x, y, _, _ = rows.__getitems__(pairs(0, np.arange(a, min(a + batch_size, len(dataset)))))
+            x, y, *_ = rows.__getitems__(pairs(0, np.arange(a, min(a + batch_size, len(dataset)))))
             x, y = x.to(device), y.to(device)
             top = model(x).float().topk(min(5, dataset.num_classes), dim=1).indices
             hits1 += (top[:, 0] == y).sum().item()
@@ -408,7 +412,7 @@ def open_batches(cfg: TrainConfig, ranks: Ranks, hp: dict[str, Any]) -> tuple[Ca
         raise SpecError("--correction corrects a teacher; training from a dataset spec has none")
     size = (cfg.image_size,) * 2 if cfg.image_size else tuple(train.image_size or (224, 224))
     workers = default_workers(train) if cfg.workers is None else cfg.workers
-    batches = DatasetEpochs(train, get_view_policy(cfg.view_policy), size, batch_size, workers, cfg.seed,
+    batches = DatasetEpochs(train, policy_from_spec(cfg.view_policy), size, batch_size, workers, cfg.seed,
                             ranks.rank, ranks.world, cfg.max_steps_per_epoch, ranks.device)
     return batches, eval_dataset(cfg, cfg.source, train.num_classes), size
 
@@ -501,12 +505,7 @@ def train_epoch(run: Run, epoch: int, on_step: Callable[[int, int], None] | None
     run.model.train()
     t0, seen, loss_sum, hits, steps = time.perf_counter(), 0, 0.0, 0, len(run.batches)
     for step, (x, y, teacher) in enumerate(run.batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if run.online is not None:
-            teacher = run.online(x, y)
-        with autocast:
-            logits = run.step_model(x)
-        loss = loss_fn(logits.float(), teacher, y, epoch=epoch, **run.hp)
+        loss, logits, y = step_loss(run, loss_fn, epoch, autocast, x, y, teacher)
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         run.opt.step()
@@ -515,11 +514,40 @@ def train_epoch(run: Run, epoch: int, on_step: Callable[[int, int], None] | None
             raise diverged(run, epoch, f"the loss is {value} at step {step + 1}")
         seen += len(y)
         loss_sum += value * len(y)
-        hits += (logits.argmax(1) == y).sum().item()
+        hits += (logits.argmax(1) == hard_labels(y)).sum().item()
         if on_step and run.ranks.main:
             on_step(step + 1, steps)
     return {"epoch": epoch, "lr": lr, "seen": seen, "loss_sum": loss_sum, "hits": hits,
             "seconds": time.perf_counter() - t0}
+
+
+def hard_labels(y: torch.Tensor) -> torch.Tensor:
+    """Class ids of int labels, or the heavier class of mixed (B, classes) targets."""
+    return y if y.ndim == 1 else y.argmax(1)
+
+
+def step_loss(run: Run, loss_fn: Callable[..., torch.Tensor], epoch: int, autocast, x, y, teacher):
+    """The step's loss, and the first view group's logits and labels (for the accuracy). A store with view
+    groups gives dicts {group: value}: the loss is summed over the groups, each group's student logits against
+    that group's teacher record, with one student forward per group (as SLD's ``forward_train`` sums its CE
+    and KD terms over the weak and the strong view)."""
+    device = run.ranks.device
+    if isinstance(x, dict):
+        parts = [(x[g], y[g], None if teacher is None else teacher[g]) for g in x]
+    else:
+        parts = [(x, y, teacher)]
+    loss = first = None
+    for xg, yg, tg in parts:
+        xg, yg = xg.to(device, non_blocking=True), yg.to(device, non_blocking=True)
+        if run.online is not None:
+            tg = run.online(xg, hard_labels(yg))
+        with autocast:
+            logits = run.step_model(xg)
+        term = loss_fn(logits.float(), tg, yg, epoch=epoch, **run.hp)
+        loss = term if loss is None else loss + term
+        if first is None:
+            first = (logits, yg)
+    return loss, *first
 
 
 def finish_epoch(run: Run, sums: dict[str, Any]) -> dict[str, Any]:
@@ -569,7 +597,8 @@ def save_checkpoint(run: Run, epoch: int) -> None:
 
 
 def run_train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-              on_step: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+              on_step: Callable[[int, int], None] | None = None, *,
+              explicit: Collection[str] | None = None) -> list[dict[str, Any]]:
     """Train the student; returns the per-epoch metrics (also in OUT/metrics.parquet).
 
     Under ``torchrun --nproc-per-node N`` (DDP): ``cfg.batch_size`` is the global batch (each rank
@@ -580,7 +609,12 @@ def run_train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     ``on_epoch`` / ``on_step`` are called on rank 0 only; every rank returns the same metrics.
     A run never overwrites another (``check_run_dir``), and one whose loss or weights become NaN/inf
     stops with a SpecError, keeping the last good checkpoint and writing no student.pt.
+    ``cfg.recipe`` fills the fields not set with a paper's settings (``kdcache.recipes.with_recipe``):
+    ``explicit`` names the fields set on purpose (the CLI's flags); None: those that differ from their
+    defaults. The recipe is checked against the store (dataset, classes, views) before anything runs.
     """
+    check_recipe(cfg)  # before resolving it: a recipe that does not fit is refused without scaling warnings
+    cfg = with_recipe(cfg, explicit)
     if cfg.lr is None:
         cfg = replace(cfg, lr=get_loss(cfg.loss).lr)
     ranks = init_ranks(cfg.device)

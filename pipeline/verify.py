@@ -20,7 +20,7 @@ from kdcache.models import build_ready_teacher, teacher_name
 from kdcache.replay import ViewedRows, resolve_device
 from kdcache.stores.errors import CorruptionError, SpecError, StoreError
 from kdcache.stores.logit_store import LogitStore
-from kdcache.views import get_view_policy
+from kdcache.views import view_policy_from_record
 
 
 @dataclass
@@ -149,9 +149,9 @@ def replay_check(store: LogitStore, spec: str, samples: int = 64, seed: int = 0,
     rng = np.random.default_rng(seed)
     pick = [pairs[i] for i in rng.choice(len(pairs), size=min(samples, len(pairs)), replace=False)]
     size = tuple(store.attrs["input_size"])
-    policy = get_view_policy(store.attrs["view_policy"]["name"], **store.attrs["view_policy"]["args"])
+    policy = view_policy_from_record(store.attrs["view_policy"])
     rows = ViewedRows(dataset, policy, store.views(), store.manifest_column("dataset_index"), size)
-    x, y, _, _ = rows.__getitems__([(int(v), int(r)) for v, r in pick])
+    x, y, *_ = rows.__getitems__([(int(v), int(r)) for v, r in pick])
     x, y = x.to(dev), y.to(dev)
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda"):
         raw = model(x).float()

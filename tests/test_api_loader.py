@@ -94,7 +94,7 @@ def test_batches_are_the_cached_records_of_the_served_views(store, preload):
                      for v, r in zip(views, rows, strict=True)])
     np.testing.assert_array_equal(teacher.values.numpy(), want.astype(np.float32))
     np.testing.assert_array_equal(labels.numpy(), raw.labels()[rows])
-    x, y, _, _ = loader.rows.__getitems__(np.stack([views, rows], axis=1))
+    x, y, *_ = loader.rows.__getitems__(np.stack([views, rows], axis=1))
     assert torch.equal(images, x) and torch.equal(labels, y)
     assert teacher.probs(4.0).shape == (100, 10)
 

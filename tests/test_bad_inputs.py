@@ -158,6 +158,21 @@ CASES = {
     "teach views identity": teach("--views", "3", needle="single view"),
     "teach views all rrc": teach("--views", "all", "--view-policy", "rrc-flip", needle="all"),
     "teach view policy": teach("--view-policy", "mixup", needle="view policy"),
+    "teach policy unknown op": teach("--view-policy", "crop-flip | randaugmnt:n=2",
+                                     needle="unknown op 'randaugmnt' at character 13"),
+    "teach policy empty op": teach("--view-policy", "crop-flip | | cutout", needle="empty op at character 12"),
+    "teach policy unknown argument": teach("--view-policy", "crop-flip:size=3", needle="no argument 'size'"),
+    "teach policy magnitude": teach("--view-policy", "crop-flip | randaugment:magnitude=31", needle="magnitude"),
+    "teach policy probability": teach("--view-policy", "crop-flip | random-erasing:p=1.5", needle="p must be"),
+    "teach policy alpha": teach("--view-policy", "crop-flip | mixup:alpha=0", needle="alpha"),
+    "teach policy mix first": teach("--view-policy", "mixup", needle="no op before the mix"),
+    "teach policy mix not last": teach("--view-policy", "crop-flip | mixup | cutout", needle="must come last"),
+    "teach mixing with correction": teach("--view-policy", "crop-flip | mixup", "--correction", "swap",
+                                          needle="two labels"),
+    "teach view group form": teach("--view-group", "weak", needle="NAME=POLICY"),
+    "teach one view group": teach("--view-group", "weak=crop-flip", needle="at least two groups"),
+    "teach view groups and policy": teach("--view-group", "a=crop-flip", "--view-group", "b=rrc-flip",
+                                          "--view-policy", "crop-flip", needle="not both"),
     "teach correction": teach("--correction", "smooth", needle="correction"),
     "teach loca alpha": teach("--correction", "loca", "--loca-alpha", "2", needle="alpha"),
     "teach loca temperature": teach("--correction", "loca", "--loca-temperature", "0", needle="temperature"),
@@ -234,6 +249,10 @@ CASES = {
     "train needs teacher on dataset": train("--loss", "kd", source="digits", needle="needs a teacher"),
     "train dataset view policy": train("--loss", "ce", "--view-policy", "mixup", source="digits",
                                        needle="view policy"),
+    "train recipe unknown": train("--recipe", "dkd/cifar100/res32x4-res9x4", needle="recipe"),
+    "train recipe other dataset": train("--recipe", "dkd/cifar100/res32x4-res8x4", needle="cifar100"),
+    "train dkd on mixed views": train("--loss", "dkd", source="{mixed}", needle="mixed view"),
+    "train correction on mixed views": train("--correction", "sort", source="{mixed}", needle="two labels"),
     "train source zarr.json gone": train(source="{nozarr}", needle="zarr.json missing"),
     "train source manifest cut": train(source="{manifest_cut}", needle="manifest"),
     "train source teacher lost": train(source="{teacher_gone}", needle="teacher"),
@@ -366,6 +385,9 @@ def inputs(tmp_path_factory) -> SimpleNamespace:
     kdcache.teach("digits", teachers=[T], out=good, split="test", k=4, views=2, view_policy="crop-flip",
                   shard_rows=128, chunk_rows=64, progress=False)
     paths = {"store": good}
+    paths["mixed"] = root / "mixed.kdc"
+    kdcache.teach("digits", teachers=[T], out=paths["mixed"], split="test", k="all", views=1,
+                  view_policy="crop-flip | mixup", shard_rows=128, chunk_rows=64, progress=False)
     paths["nozarr"] = damaged(good, "nozarr.kdc", lambda s: (s / "zarr.json").unlink())
     paths["manifest_cut"] = damaged(good, "cut.kdc", lambda s: (s / "manifest.parquet").write_bytes(
         (s / "manifest.parquet").read_bytes()[:100]))

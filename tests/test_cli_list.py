@@ -11,7 +11,7 @@ from kdcache.corrections import CORRECTIONS
 from kdcache.data import SPEC_FORMS
 from kdcache.losses import LOSSES
 from kdcache.models import list_models
-from kdcache.views import VIEW_POLICIES
+from kdcache.views import VIEW_OPS
 
 runner = CliRunner()
 
@@ -40,7 +40,7 @@ def test_models_lists_registered_torchvision_and_timm_names():
 
 
 @pytest.mark.parametrize(("kind", "registry"), [("losses", LOSSES), ("corrections", CORRECTIONS),
-                                                ("policies", VIEW_POLICIES)])
+                                                ("policies", VIEW_OPS)])
 def test_registries_list_every_member_with_a_summary(kind, registry):
     lines = listed(kind)
     assert names(lines) == list(registry)

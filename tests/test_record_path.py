@@ -127,7 +127,7 @@ def block_logits(store: LogitStore, cfg: TeachConfig) -> dict[tuple[int, int], t
             a, b = store.shard_bounds(s)
             zs, ys = [], []
             with torch.inference_mode():
-                for x, y, _v, _r in replay_loader(rows, BlockBatches([(v, a, b)], cfg.batch_size), 0, job.device):
+                for x, y, *_ in replay_loader(rows, BlockBatches([(v, a, b)], cfg.batch_size), 0, job.device):
                     zs.append(t.model(x).float())
                     ys.append(y)
             out[(v, s)] = (torch.cat(zs), torch.cat(ys))
