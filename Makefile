@@ -31,6 +31,8 @@ bench: setup
 	$(BIN)/python benchmarks/scaling.py --out benchmarks/scaling.json
 	$(BIN)/python benchmarks/loader.py --out benchmarks/loader.json
 	$(BIN)/python benchmarks/imagenet_scale.py --out benchmarks/imagenet_scale.json
+	$(BIN)/python benchmarks/views.py --out benchmarks/views.json
+	$(BIN)/python benchmarks/linked_and_mixed.py --out benchmarks/linked_and_mixed.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

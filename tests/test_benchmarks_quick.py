@@ -1,5 +1,6 @@
-"""The benchmark scripts run end to end at toy sizes: benchmarks/imagenet_scale.py --quick and
-benchmarks/gpu.sh --dry-run (numbers are not checked against targets here: those live in benchmarks/)."""
+"""The benchmark scripts run end to end at toy sizes: benchmarks/imagenet_scale.py --quick,
+benchmarks/views.py --quick, benchmarks/linked_and_mixed.py --quick and benchmarks/gpu.sh --dry-run (numbers
+are not checked against targets here: those live in benchmarks/)."""
 
 from __future__ import annotations
 
@@ -124,3 +125,33 @@ def test_gpu_script_dry_run_runs_every_step(tmp_path):
     train = json.loads((out / "train.json").read_text())
     assert min(min(v) for v in train["student_steps"]["rows_per_s"].values()) > 0
     assert train["student_steps"]["cache_speedup_over_online"] > 0
+
+
+def test_views_quick_writes_its_json(tmp_path):
+    out = tmp_path / "views.json"
+    subprocess.run([sys.executable, "benchmarks/views.py", "--quick", "--out", str(out)], check=True, cwd=ROOT,
+                   capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res["quick"] is True and set(res["replay_vs_fresh"]) == set(res["bytes"]) == set(res["settings"]["policies"])
+    for e in res["replay_vs_fresh"].values():
+        rates = e["wall"]["images_per_s"]
+        assert min(rates["replay"]["per_repeat"] + rates["fresh"]["per_repeat"]) > 0
+        assert e["breakdown"]["replay_us_per_image"]["total"] > 0 and e["breakdown"]["fresh_us_per_image"]["total"] > 0
+    for b in res["bytes"].values():
+        assert b["itemsize_bytes_per_view"] > 0 and b["disk_bytes_per_view"] >= b["chunk_payload_bytes_per_view"] > 0
+
+
+def test_linked_and_mixed_quick_writes_its_json(tmp_path):
+    out = tmp_path / "linked_and_mixed.json"
+    subprocess.run([sys.executable, "benchmarks/linked_and_mixed.py", "--quick", "--out", str(out)], check=True,
+                   cwd=ROOT, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res["quick"] is True and set(res["replay_check"]) == {"sld_two_view", "cutmix_kd"}
+    assert set(res["replay_check"]["sld_two_view"]) == {"weak", "strong"}  # both linked groups served
+    for check in res["replay_check"].values():  # the cache holds the teacher's logits of the served pixels
+        for d in check.values():
+            assert d["max_abs_logit_diff"] <= 2e-3 * max(1.0, d["max_abs_logit"])
+    for exp in ("sld_two_view", "cutmix_kd"):
+        runs = res["students"][exp]["runs"]
+        assert [r["seed"] for r in runs["cache"]] == [r["seed"] for r in runs["online"]] == res["settings"]["seeds"]
+        assert all(0 <= r["test_top1"] <= 1 for arm in runs.values() for r in arm)

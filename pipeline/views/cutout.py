@@ -22,6 +22,8 @@ pixel for pixel and at other sizes the same region. SLD skips ``v <= 0``: a stor
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kdcache.stores.errors import SpecError
@@ -73,7 +75,10 @@ class Cutout(ViewOp):
             raise SpecError(f"view op '{self.name}': fill has {len(self.fill)} values but the image has "
                             f"{channels} channels; give one value or {channels}")
         out = image.clone()
-        fill = torch.tensor(self.fill, dtype=image.dtype).reshape(-1, 1, 1)
-        out[:, top:top + h, left:left + w] = fill
+        out[:, top:top + h, left:left + w] = self._fill(image.dtype)
         return out
+
+    @functools.cache  # noqa: B019 (one small tensor per (op, dtype); ops live as long as their policy)
+    def _fill(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(self.fill, dtype=dtype).reshape(-1, 1, 1)
 
