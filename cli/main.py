@@ -507,7 +507,7 @@ def train(
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="Cap steps per epoch, >= 1 (smoke tests, benchmarks).", rich_help_panel="Schedule", show_default=False)] = None,
     dataset: Annotated[str | None, typer.Option(help="Where the images are (default: the store's spec); checked by fingerprint.", rich_help_panel="Data", show_default=False)] = None,
     val: Annotated[str | None, typer.Option(help="Evaluation set, a dataset spec (default: the data's test split; with none, no evaluation).", rich_help_panel="Data", show_default=False)] = None,
-    view_schedule: Annotated[str, typer.Option(help="cycle (epoch e reads view e mod V) or random.", rich_help_panel="Data")] = "cycle",
+    view_schedule: Annotated[str, typer.Option(help="cycle (epoch e reads view e mod V; with view groups, slot e mod V of every group) or random.", rich_help_panel="Data")] = "cycle",
     view_policy: Annotated[str, typer.Option(help="Augmentation when training from a dataset spec.", rich_help_panel="Data")] = "identity",
     preload: Annotated[str, typer.Option(help="auto | yes | no: soft labels in RAM, or streamed from the store.", rich_help_panel="Data")] = "auto",
     workers: Annotated[int | None, typer.Option(help="Image DataLoader workers, >= 0 (default: 0 for in-memory data, else cores-1).", rich_help_panel="Data", show_default=False)] = None,

@@ -176,18 +176,38 @@ def served_shards(store: LogitStore, teachers: list[str], allow_partial: bool) -
     return shards
 
 
+def check_policy_use(policy, *, loss: str | None, loss_args: dict | None, correction: str) -> None:
+    """Refuse what the served views cannot train, whoever labels them (the cache or a live teacher): a
+    correction or a label-reading loss (DKD, SLD) on mixed views, which have two labels, and a loss whose
+    ``views`` (linked views per step, SLD: 2) differs from the view groups the policy holds."""
+    if policy.mixes and correction != "none":
+        raise SpecError(f"correction {correction!r} moves the label's logit, and a mixed view has two labels; "
+                        "train without a correction on a mixing store")
+    if loss is None:
+        return
+    spec = get_loss(loss)
+    if policy.mixes and spec.reads_label:
+        raise SpecError(f"loss '{loss}' reads the logit of one label, and a mixed view (Mixup, CutMix) has two; "
+                        "use kd, ttm, wttm or clkd on a mixing store, or cache views without mixing")
+    hp = resolve_hparams(loss, loss_args)
+    groups = list(policy.groups or ())
+    if "views" in hp and hp["views"] != max(1, len(groups)):
+        if not groups:
+            raise SpecError(f"loss '{loss}' trains {hp['views']} linked views per step (weak, strong) and this "
+                            "store has one; cache them with --view-group (`kdcache recipes NAME`), or pass "
+                            "--loss-arg views=1")
+        raise SpecError(f"loss '{loss}' with views={hp['views']} but the store links {len(groups)} view groups "
+                        f"({', '.join(groups)}) per step; pass --loss-arg views={len(groups)}")
+
+
 def check_record_use(attrs: dict[str, Any], *, loss: str | None, loss_args: dict | None, correction: str,
-                     ensemble: bool, strict: bool = False, mixes: bool = False) -> None:
+                     ensemble: bool, strict: bool = False) -> None:
     """Refuse what would silently train on the wrong thing: a correction applied twice or to an
-    ensemble, a train-time correction or a biased loss on a sampled record, a label-reading loss or
-    correction on mixed views (``mixes``), a loss reading the teacher at temperatures the tail does not
-    cover (a warning unless ``strict``)."""
+    ensemble, a train-time correction or a biased loss on a sampled record, a loss reading the teacher
+    at temperatures the tail does not cover (a warning unless ``strict``)."""
     layout = get_layout(attrs["layout"])
     stored = (attrs.get("correction") or {}).get("name", "none")
     if correction != "none":
-        if mixes:
-            raise SpecError(f"correction {correction!r} moves the label's logit, and a mixed view has two labels; "
-                            "train without a correction on a mixing store")
         if ensemble:
             raise SpecError(f"correction {correction!r} corrects one teacher's logits and an ensemble has none: "
                             "cache each teacher with `kdcache teach --correction`, or train from one teacher")
@@ -200,9 +220,6 @@ def check_record_use(attrs: dict[str, Any], *, loss: str | None, loss_args: dict
     if loss is None:
         return
     spec = get_loss(loss)
-    if mixes and spec.reads_label:
-        raise SpecError(f"loss '{loss}' reads the logit of one label, and a mixed view (Mixup, CutMix) has two; "
-                        "use kd, ttm, wttm or clkd on a mixing store, or cache views without mixing")
     if loss == "sld" and ensemble:
         raise SpecError("loss 'sld' swaps one teacher's logits and an ensemble has none; train from one teacher")
     if layout.linear_losses_only and not spec.linear_in_teacher:
@@ -258,9 +275,10 @@ class CachedLoader:
         self.teacher = ",".join(m.name for m in self.members)
         self.teacher_attrs = self._teacher_attrs()
         self.records = records  # False: images and labels only, in the same order (a live teacher's baseline)
+        check_policy_use(self.policy, loss=loss, loss_args=loss_args, correction=correction)
         if records:
             check_record_use(self.teacher_attrs, loss=loss, loss_args=loss_args, correction=correction,
-                             ensemble=len(self.members) > 1, strict=strict, mixes=self.policy.mixes)
+                             ensemble=len(self.members) > 1, strict=strict)
         self._order_source = self.members[0].soft
         self.rows = ViewedRows(self.dataset, self.policy, self.store.views(),
                                self.store.manifest_column("dataset_index"), self.size, transform)

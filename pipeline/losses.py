@@ -227,8 +227,9 @@ def sld(
     w_kd: float = 0.9,
     sld_start_epoch: int = 150,
     temperatures: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0),
+    views: int = 2,
 ) -> Tensor:
-    """Swapped Logit Distillation (Limantoro et al. 2025, arXiv 2504.20108), single view.
+    """Swapped Logit Distillation (Limantoro et al. 2025, arXiv 2504.20108): the loss of one view.
 
     Follows StephenEkaputra/Swapped-Logit-Distillation ``mdistiller/distillers/SLD.py``. The teacher
     logits are swapped (the label's logit and the max logit exchange places when the teacher is wrong).
@@ -241,11 +242,13 @@ def sld(
     with softmaxes implied and each KL summed over classes, averaged over the batch.
     Defaults: CIFAR cfg w_ce=0.1, w_kd=0.9.
 
-    Differences from the official method: the official training is two-view (a weak crop-flip view and
-    an independent strong RandAugment + Cutout view; the CE and the KD terms are summed over both). This
-    function handles ONE view. The trainer can add a second term for the strong view only if the store
-    holds teacher records for that view. Swap is idempotent, so a store already written with
-    ``--correction swap`` gives the same teacher side.
+    The official training is two-view: a weak crop-flip view and an independent strong RandAugment +
+    Cutout view of every row, the CE and KD terms summed over both (``SLD.forward_train``). That is
+    this function on each view group of a store with two groups, summed (``kdcache.train.step_loss``;
+    tests/test_view_groups.py checks it in float64 against a transcription). ``views`` is how many
+    linked views a step trains on: 2 (the paper) needs such a store, 1 trains one view per step on any
+    store; ``kdcache.loader.check_policy_use`` refuses a mismatch. Swap is idempotent, so a store written
+    with ``--correction swap`` gives the same teacher side.
     """
     teacher_swapped = apply_correction("swap", teacher)
     student_swapped = apply_correction("swap", student_logits, labels)  # not detached, as in SLD.py
@@ -324,7 +327,7 @@ def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
         ) from None
 
 
-_POSITIVE = {"T", "gamma", "warmup", "temperatures"}  # the rest (weights, start epoch) may be 0
+_POSITIVE = {"T", "gamma", "warmup", "temperatures", "views"}  # the rest (weights, start epoch) may be 0
 
 
 def resolve_hparams(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

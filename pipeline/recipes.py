@@ -194,7 +194,8 @@ SLD_CIFAR_PAIRS: tuple[tuple[str, str, str, str, float], ...] = (
 )
 SLD_CODE = f"{SLD_REPO}:mdistiller/distillers/SLD.py"  # temperatures 1..6 (summed), gamma = 150 hard-coded
 # SLD.py's six kd_loss calls per view (T = 1.0 .. 6.0) and ``gamma = 150`` (the student swap after epoch 150)
-SLD_SCHEDULE = {"temperatures": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0), "sld_start_epoch": 150}
+# ... and forward_train's two views (weak, strong) of every row
+SLD_SCHEDULE = {"temperatures": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0), "sld_start_epoch": 150, "views": 2}
 STRONG_CIFAR = "crop-flip | randaugment:n=2,magnitude=uniform,space=sld | cutout:0.5"
 STRONG_IMAGENET = "rrc-flip | randaugment:n=2,magnitude=uniform,space=sld | cutout:0.5"
 SLD_VIEWS_NOTE = ("Two independent views per row (MultipleApply in {path}): weak = {weak}, strong = {weak} then "

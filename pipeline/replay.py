@@ -87,14 +87,16 @@ class ViewedRows(torch.utils.data.Dataset):
         """A whole batch at once (the DataLoader calls this)."""
         items = np.asarray(items, dtype=np.int64).reshape(-1, 2)
         views, rows = items[:, 0], items[:, 1]
-        samples = [self.dataset[int(i)] for i in self.dataset_index[rows]]
-        labels = torch.as_tensor([label for _, label in samples], dtype=torch.int64)
         params = {name: arr[views, rows] for name, arr in self.view_params.items()}
         partner_rows = self.policy.partner_rows(params)
+        # every row is decoded once, however many of its views (view groups) or partners the batch holds
+        wanted = np.unique(rows if partner_rows is None else np.concatenate([rows, partner_rows[partner_rows >= 0]]))
+        decoded = {int(r): self.dataset[int(self.dataset_index[r])] for r in wanted}
+        samples = [decoded[r] for r in rows.tolist()]
+        labels = torch.as_tensor([label for _, label in samples], dtype=torch.int64)
         partners, mix = None, None
         if partner_rows is not None:
-            wanted = np.unique(partner_rows[partner_rows >= 0])
-            theirs = {int(p): self.dataset[int(self.dataset_index[p])] for p in wanted}
+            theirs = decoded
             partners = [theirs[p][0] if p >= 0 else None for p in partner_rows.tolist()]
             partner_labels = [theirs[p][1] if p >= 0 else y
                               for p, y in zip(partner_rows.tolist(), labels.tolist(), strict=True)]

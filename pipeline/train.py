@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from kdcache.corrections import apply_correction
 from kdcache.data import ImageDataset, load_dataset
-from kdcache.loader import CachedLoader
+from kdcache.loader import CachedLoader, check_policy_use
 from kdcache.losses import get_loss, loss_temperatures, resolve_hparams
 from kdcache.models import build_model, build_teacher, check_output_width
 from kdcache.recipes import check_recipe, with_recipe
@@ -391,7 +391,7 @@ def open_batches(cfg: TrainConfig, ranks: Ranks, hp: dict[str, Any]) -> tuple[Ca
             cfg.source, batch_size, teacher=cfg.teacher, dataset=cfg.dataset, workers=cfg.workers, seed=cfg.seed,
             preload=cfg.preload, view_schedule=cfg.view_schedule, image_size=cfg.image_size,
             correction=cfg.correction, correction_args=cfg.correction_args,
-            loss=None if cfg.online_teacher else cfg.loss, loss_args=cfg.loss_args, strict=cfg.strict,
+            loss=cfg.loss, loss_args=cfg.loss_args, strict=cfg.strict,
             allow_partial=cfg.allow_partial,
             rank=ranks.rank, world=ranks.world, max_steps=cfg.max_steps_per_epoch, device=ranks.device,
             records=cfg.online_teacher is None)
@@ -412,7 +412,9 @@ def open_batches(cfg: TrainConfig, ranks: Ranks, hp: dict[str, Any]) -> tuple[Ca
         raise SpecError("--correction corrects a teacher; training from a dataset spec has none")
     size = (cfg.image_size,) * 2 if cfg.image_size else tuple(train.image_size or (224, 224))
     workers = default_workers(train) if cfg.workers is None else cfg.workers
-    batches = DatasetEpochs(train, policy_from_spec(cfg.view_policy), size, batch_size, workers, cfg.seed,
+    policy = policy_from_spec(cfg.view_policy)
+    check_policy_use(policy, loss=cfg.loss, loss_args=cfg.loss_args, correction=cfg.correction)
+    batches = DatasetEpochs(train, policy, size, batch_size, workers, cfg.seed,
                             ranks.rank, ranks.world, cfg.max_steps_per_epoch, ranks.device)
     return batches, eval_dataset(cfg, cfg.source, train.num_classes), size
 
@@ -462,6 +464,23 @@ def online_teacher(cfg: TrainConfig, batches: CachedLoader | DatasetEpochs, num_
     return OnlineTeacher(cfg.online_teacher, num_classes, seed, size, device, k, temps, correction)
 
 
+class EpochSettingWarning(UserWarning):
+    """A loss setting counted in epochs (DKD's warm-up, SLD's start epoch) that this run's --epochs makes
+    moot; milestones scale with --epochs, these do not unless a --recipe scales them."""
+
+
+def warn_epoch_settings(cfg: TrainConfig, hp: dict[str, Any]) -> None:
+    """A 120-epoch SLD run never switches its second target on (start epoch 150): say so, with the fix."""
+    if "sld_start_epoch" in hp and hp["sld_start_epoch"] >= cfg.epochs:
+        scaled = max(1, round(hp["sld_start_epoch"] * cfg.epochs / 240))
+        warnings.warn(f"sld_start_epoch {hp['sld_start_epoch']} >= --epochs {cfg.epochs}: the student's swapped "
+                      f"target never switches on; pass --loss-arg sld_start_epoch={scaled} (150/240 of the run) or "
+                      "a --recipe, which scales it", EpochSettingWarning, stacklevel=3)
+    if "warmup" in hp and hp["warmup"] > cfg.epochs:
+        warnings.warn(f"warmup {hp['warmup']} > --epochs {cfg.epochs}: the KD terms never reach full weight; pass "
+                      f"--loss-arg warmup=N or a --recipe, which scales it", EpochSettingWarning, stacklevel=3)
+
+
 def setup(cfg: TrainConfig, ranks: Ranks) -> Run:
     """Check the settings, open the batches, build the student and optimiser, and resume if asked."""
     validate(cfg, ranks.world)
@@ -484,6 +503,7 @@ def setup(cfg: TrainConfig, ranks: Ranks) -> Run:
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         run.metrics, run.start_epoch = ckpt["metrics"], ckpt["epoch"] + 1
+    warn_epoch_settings(cfg, hp)  # after every check: a refused run is one line
     ranks.barrier()  # every rank has checked --out before rank 0 writes to it
     if ranks.main:
         with writing(run.out):

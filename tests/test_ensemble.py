@@ -89,7 +89,7 @@ def test_training_from_the_ensemble(tmp_path, store):
 
 @pytest.mark.parametrize("extra, needle", [
     (["--correction", "sort"], "ensemble"),
-    (["--loss", "sld"], "ensemble"),
+    (["--loss", "sld", "--loss-arg", "views=1"], "ensemble"),
     (["--online-teacher", TEACHERS[0]], "single --teacher"),
     (["--teacher", "resnet18,resnet18"], "twice"),
     (["--teacher", "resnet18,nosuch"], "nosuch"),

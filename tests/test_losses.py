@@ -97,7 +97,8 @@ def ref_clkd(zs, zt, y, epoch, w_ce, mu, nu, beta):
     return w_ce * cross_entropy(zs, y) + mu * (ins + beta * cla) + nu * cc
 
 
-def ref_sld(zs, zt, y, epoch, w_ce, w_kd, sld_start_epoch, temperatures, detach_pseudo=False):
+def ref_sld(zs, zt, y, epoch, w_ce, w_kd, sld_start_epoch, temperatures, views=2, detach_pseudo=False):
+    """One view's SLD loss (``views``, the linked views per step, is the trainer's: it sums over view groups)."""
     zt_sw, zs_sw = swap_rows(zt, y), swap_rows(zs, y)
     if detach_pseudo:
         zs_sw = zs_sw.detach()
@@ -184,7 +185,8 @@ def test_defaults_are_the_papers_cifar100_settings():
         "ttm": {"w_ce": 1.0, "gamma": 0.1, "beta": 100.0},
         "wttm": {"w_ce": 1.0, "gamma": 0.1, "beta": 3.0},
         "clkd": {"w_ce": 0.1, "mu": 0.5, "nu": 0.4, "beta": 2.0},
-        "sld": {"w_ce": 0.1, "w_kd": 0.9, "sld_start_epoch": 150, "temperatures": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)},
+        "sld": {"w_ce": 0.1, "w_kd": 0.9, "sld_start_epoch": 150, "temperatures": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0),
+                "views": 2},
     }
     assert [n for n, s in LOSSES.items() if not s.needs_teacher] == ["ce"]
     # learning rates of the CIFAR-100 configs (ResNet/WRN students): mdistiller/TTM 0.05, SLD 0.025

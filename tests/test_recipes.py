@@ -151,7 +151,7 @@ def test_sld_cifar_lrs_loss_args_and_view_groups():
         r = get_recipe(f"sld/cifar100/{pair}")
         assert r.lr == lr
         assert dict(r.loss_args) == {"w_ce": 0.1, "w_kd": 0.9, "temperatures": (1.0, 2.0, 3.0, 4.0, 5.0, 6.0),
-                                     "sld_start_epoch": 150}
+                                     "sld_start_epoch": 150, "views": 2}
         assert r.view_groups == (("weak", "crop-flip"), ("strong", STRONG))
         stem = pair.replace("wrn16_2", "wrn_16_2").replace("wrn40_1", "wrn_40_1").replace("-", "_")
         assert r.source[0] == f"StephenEkaputra/Swapped-Logit-Distillation:configs/cifar100/sld/{stem}.yaml"
@@ -375,7 +375,8 @@ def test_train_passes_typed_flags_as_explicit_even_at_their_defaults(monkeypatch
     res = cli("train", "s.kdc", "--student", "vgg8", "--out", str(tmp_path / "run3"), "--config",
               str(tmp_path / "config.json"))
     assert res.exit_code == 0, res.output
-    assert seen["cfg"].loss_args == {"w_ce": 0.1, "w_kd": 0.9, "temperatures": (1.0, 2.0), "sld_start_epoch": 150}
+    assert seen["cfg"].loss_args == {"w_ce": 0.1, "w_kd": 0.9, "temperatures": (1.0, 2.0), "sld_start_epoch": 150,
+                                     "views": 2}
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,8 @@ def test_resume_continues_to_the_uninterrupted_result(tmp_path, topk_store):
 @pytest.mark.parametrize("loss", ["kd", "dkd", "ttm", "wttm", "clkd", "sld"])
 def test_every_loss_trains_from_a_topk_store(tmp_path, topk_store, loss):
     with pytest.warns(UserWarning) if loss in ("ttm", "wttm") else _nothing():
-        metrics, weights = train(tmp_path, topk_store, loss, loss=loss)
+        metrics, weights = train(tmp_path, topk_store, loss, loss=loss,
+                                 loss_args={"views": 1} if loss == "sld" else {})  # one view per step: no groups
     assert np.isfinite(metrics[-1]["train_loss"]) and metrics[-1]["train_loss"] > 0
     init = build_model("small_cnn", 10, seed=0).state_dict()
     assert max_diff(weights, init) > 1e-3, "the loss must train the student"
@@ -155,12 +156,23 @@ def test_resume_with_other_settings_is_refused(tmp_path, dense_store):
     assert [m["epoch"] for m in pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()] == [1, 2]
 
 
+def test_sld_trains_the_papers_two_linked_views_or_says_how(tmp_path, topk_store):
+    base = ["train", str(topk_store), "--student", "small_cnn", "--epochs", "1", "--max-steps-per-epoch", "1",
+            "--loss", "sld"]
+    line = one_error_line(runner.invoke(app, [*base, "--out", str(tmp_path / "two")]))
+    assert "2 linked views" in line and "--view-group" in line and "views=1" in line
+    assert not (tmp_path / "two").exists()
+    res = runner.invoke(app, [*base, "--loss-arg", "views=1", "--out", str(tmp_path / "one")])
+    assert res.exit_code == 0, res.output
+
+
 def test_only_unbiased_losses_train_from_a_sampled_store(tmp_path):
     store = tmp_path / "sampled.kdc"
     run_teach(TeachConfig(dataset="digits", split="test", teachers=[TEACHER], out=str(store), k="sampled:4"))
     base = ["train", str(store), "--student", "small_cnn", "--epochs", "1", "--max-steps-per-epoch", "2"]
     for loss in ("dkd", "wttm", "clkd", "sld"):
-        line = one_error_line(runner.invoke(app, [*base, "--loss", loss, "--out", str(tmp_path / loss)]))
+        one_view = ["--loss-arg", "views=1"] if loss == "sld" else []
+        line = one_error_line(runner.invoke(app, [*base, "--loss", loss, *one_view, "--out", str(tmp_path / loss)]))
         assert "biased on a sampled record" in line and "kd or ttm" in line
     line = one_error_line(runner.invoke(app, [*base, "--correction", "swap", "--out", str(tmp_path / "swap")]))
     assert "sampled record" in line
@@ -229,7 +241,8 @@ def test_the_default_lr_is_the_losss_paper_setting(tmp_path, topk_store):
 
     for loss, lr in (("sld", 0.025), ("kd", 0.05)):
         cfg = TrainConfig(source=str(topk_store), student="small_cnn", out=str(tmp_path / loss), loss=loss,
-                          epochs=1, max_steps_per_epoch=1, schedule="step")
+                          epochs=1, max_steps_per_epoch=1, schedule="step",
+                          loss_args={"views": 1} if loss == "sld" else {})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sld reads T=2..6, which the store's tail does not declare
             metrics = run_train(cfg)

@@ -69,6 +69,12 @@ def test_every_step_serves_each_group_of_the_same_rows_with_its_own_record(group
     assert not torch.equal(x["weak"], x["strong"])
 
 
+def test_verify_replays_every_view_of_every_group(grouped_store):
+    report = kdcache.verify(str(grouped_store), teacher=TEACHER, samples=64)
+    assert report.ok, report.problems
+    assert report.replays[0].top1_agreement == 1.0 and report.replays[0].max_abs_diff < 1e-3
+
+
 def test_ranks_take_disjoint_shares_of_the_same_linked_pairs(grouped_store):
     whole = CachedLoader(grouped_store, 8, loss="kd", view_schedule="random", records=False)
     seen = []

@@ -43,7 +43,8 @@ def test_verify_replays_what_the_teacher_saw(policy, tmp_path):
     assert report.ok, report.problems
     (replay,) = report.replays
     assert replay.top1_agreement == 1.0
-    assert replay.max_abs_diff <= 2e-3  # float16 storage of logits of size ~1: the rounding, nothing more
+    # the stored float16 logits (|z| < 2 for this random CNN: a float16 step is <= 2^-10) against the live ones
+    assert replay.max_abs_diff <= 2**-10
 
 
 def test_the_store_is_the_same_for_any_batch_size_and_number_of_workers(tmp_path):

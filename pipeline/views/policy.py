@@ -168,6 +168,10 @@ class ViewPolicy:
             fired[fire] = j + 1
         partner_hw = hw[0][partner] if hw.shape[1] == n else hw  # (V, N, 2): each partner's own size
         theirs = self._sample_ops(self.pre, shape, partner_hw, seed, salt=2_000_003)
+        unmixed = fired == 0  # nothing of a partner is used there: zeros, which zarr stores for almost nothing
+        partner[unmixed] = 0
+        for a in theirs.values():
+            a[unmixed] = 0
         return {MIX: fired, PARTNER: partner.astype(np.uint32)} | {PARTNER + "." + k: a for k, a in theirs.items()}
 
     # ------------------------------------------------------------------ replay
