@@ -523,7 +523,7 @@ def train(
 
     Several GPUs: `torchrun --nproc-per-node N -m kdcache.cli train ...` (--batch-size stays global).
     """
-    from kdcache.recipes import check_recipe, with_recipe
+    from kdcache.recipes import RecipeViewsWarning, check_recipe, with_recipe
     from kdcache.train import TrainConfig, run_train
 
     corr_args: dict[str, Any] = {}
@@ -541,7 +541,9 @@ def train(
         strict=strict, allow_partial=allow_partial, val=val, max_steps_per_epoch=max_steps_per_epoch, recipe=recipe,
     )
     explicit = explicit_fields(ctx)
-    check_recipe(cfg)
+    with warnings.catch_warnings():  # refusals first, here; run_train checks again and warns once
+        warnings.simplefilter("ignore", RecipeViewsWarning)
+        check_recipe(cfg)
     cfg = with_recipe(cfg, explicit)  # resolved here too: the progress and the summary show the recipe's settings
 
     def resume_command() -> str:  # resumable once an epoch is checkpointed; before that, start again
