@@ -156,6 +156,18 @@ def test_resume_with_other_settings_is_refused(tmp_path, dense_store):
     assert [m["epoch"] for m in pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()] == [1, 2]
 
 
+def test_a_run_shorter_than_the_losss_epoch_settings_says_so(tmp_path, topk_store):
+    from kdcache.train import EpochSettingWarning
+
+    with pytest.warns(EpochSettingWarning, match=r"sld_start_epoch 150 >= --epochs 1.*sld_start_epoch=1"):
+        train(tmp_path, topk_store, "sld", loss="sld", loss_args={"views": 1, "temperatures": "1,4"})
+    with pytest.warns(EpochSettingWarning, match="warmup 20 > --epochs 1"):
+        train(tmp_path, topk_store, "dkd", loss="dkd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EpochSettingWarning)
+        train(tmp_path, topk_store, "dkd-short", loss="dkd", loss_args={"warmup": 1})
+
+
 def test_sld_trains_the_papers_two_linked_views_or_says_how(tmp_path, topk_store):
     base = ["train", str(topk_store), "--student", "small_cnn", "--epochs", "1", "--max-steps-per-epoch", "1",
             "--loss", "sld"]
