@@ -51,6 +51,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import student_run  # noqa: E402 (benchmarks/machine.py)
+
 from kdcache.data import load_dataset  # noqa: E402
 from kdcache.fidelity import gradient_error  # noqa: E402
 from kdcache.models import build_model  # noqa: E402
@@ -59,7 +61,7 @@ from kdcache.sampled import SampledLogits  # noqa: E402
 from kdcache.sparse import SparseLogits, kl_to_dense  # noqa: E402
 from kdcache.stores.logit_store import LogitStore  # noqa: E402
 from kdcache.teach import TeachConfig, run_teach  # noqa: E402
-from kdcache.train import TrainConfig, run_train  # noqa: E402
+from kdcache.train import TrainConfig  # noqa: E402
 from kdcache.views import get_view_policy  # noqa: E402
 
 TEMPS = (1.0, 4.0)
@@ -185,18 +187,6 @@ def paired(diffs: list[float]) -> dict[str, Any]:
     half = float(scipy.stats.t.ppf(0.975, n - 1)) * out["std"] / np.sqrt(n) if n > 1 else None
     out.update({"ci95_half_width": half, "resolved": half is not None and bool(abs(out["mean"]) > half)})
     return out
-
-
-def student_run(cfg: TrainConfig) -> tuple[list[dict[str, Any]], float]:
-    """One student in a worker process, on one thread: its numbers do not depend on the machine's load or on
-    how many runs share it (torch's result changes with the thread count; 2 threads on a busy 2-core box
-    also run ~10x slower than 1)."""
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    metrics = run_train(cfg)
-    seconds = time.perf_counter() - t0
-    shutil.rmtree(cfg.out, ignore_errors=True)
-    return metrics, seconds
 
 
 def train_students(spec: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:

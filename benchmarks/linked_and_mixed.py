@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
-import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 import scipy.stats
 import torch
-from machine import finish, machine_info  # benchmarks/machine.py
+from machine import finish, machine_info, student_run  # benchmarks/machine.py
 
 from kdcache.loader import CachedLoader
 from kdcache.losses import get_loss
@@ -157,16 +156,6 @@ def replay_check(path: str, teacher: str, batches: int) -> dict[str, Any]:
     for d in out.values():
         d["mean_kl_T1"] /= max(d["batches"], 1)
     return out
-
-
-def student_run(cfg: TrainConfig) -> tuple[list[dict[str, Any]], float]:
-    """One student in a worker process, on one thread."""
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    metrics = run_train(cfg)
-    seconds = time.perf_counter() - t0
-    shutil.rmtree(cfg.out, ignore_errors=True)
-    return metrics, seconds
 
 
 class InProcess(concurrent.futures.Executor):

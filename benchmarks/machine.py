@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,3 +50,18 @@ def finish(result: dict[str, Any], out: str | None, markdown: Callable[[dict[str
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
         log(f"wrote {out} ({result['wall_s']:.0f} s)")
     return result
+
+
+def student_run(cfg) -> tuple[list[dict[str, Any]], float]:
+    """One student (a ``kdcache.train.TrainConfig``) in a worker process, on one thread: its numbers do not
+    depend on the machine's load or on how many runs share it (torch's result changes with the thread count;
+    2 threads on a busy 2-core box also run ~10x slower than 1). Returns its metrics and seconds; its run
+    directory is removed."""
+    from kdcache.train import run_train
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    metrics = run_train(cfg)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    return metrics, seconds

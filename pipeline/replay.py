@@ -96,9 +96,8 @@ class ViewedRows(torch.utils.data.Dataset):
         labels = torch.as_tensor([label for _, label in samples], dtype=torch.int64)
         partners, mix = None, None
         if partner_rows is not None:
-            theirs = decoded
-            partners = [theirs[p][0] if p >= 0 else None for p in partner_rows.tolist()]
-            partner_labels = [theirs[p][1] if p >= 0 else y
+            partners = [decoded[p][0] if p >= 0 else None for p in partner_rows.tolist()]
+            partner_labels = [decoded[p][1] if p >= 0 else y
                               for p, y in zip(partner_rows.tolist(), labels.tolist(), strict=True)]
             weights = self.policy.mix_weights(params, self.size)
             mix = Mix(torch.as_tensor(partner_labels, dtype=torch.int64), torch.as_tensor(weights, dtype=torch.float32))

@@ -107,16 +107,21 @@ class ViewGroups:
         g, policy = list(self.policies.items())[i]
         return policy, {k: params[f"{g}.{k}"] for k in policy.param_dtypes}
 
+    def _by_group(self, params: dict[str, np.ndarray]):
+        """For each group present in a batch: its positions, its policy and its own parameters there."""
+        group = np.asarray(params[GROUP]).astype(np.int64)
+        for i in np.unique(group):
+            at = np.flatnonzero(group == i)
+            policy, own = self._split(params, int(i))
+            yield at, policy, {k: np.asarray(v)[at] for k, v in own.items()}
+
     def partner_rows(self, params: dict[str, np.ndarray]) -> np.ndarray | None:
         if not self.mixes:
             return None
-        group = np.asarray(params[GROUP]).astype(np.int64)
-        out = np.full(len(group), -1, dtype=np.int64)
-        for i in np.unique(group):
-            policy, own = self._split(params, int(i))
-            at = group == i
+        out = np.full(len(params[GROUP]), -1, dtype=np.int64)
+        for at, policy, own in self._by_group(params):
             if policy.mixes:
-                out[at] = policy.partner_rows({k: np.asarray(v)[at] for k, v in own.items()})
+                out[at] = policy.partner_rows(own)
         return out
 
     def apply(self, image: torch.Tensor, params: dict[str, Any], size, partner=None) -> torch.Tensor:
@@ -124,22 +129,16 @@ class ViewGroups:
         return policy.apply(image, own, size, partner)
 
     def apply_batch(self, images: torch.Tensor, params: dict[str, np.ndarray], size, partners=None) -> torch.Tensor:
-        group = np.asarray(params[GROUP]).astype(np.int64)
         out = None
-        for i in np.unique(group):
-            at = np.flatnonzero(group == i)
-            policy, own = self._split(params, int(i))
-            x = policy.apply_batch(images[torch.from_numpy(at)], {k: np.asarray(v)[at] for k, v in own.items()}, size,
+        for at, policy, own in self._by_group(params):
+            x = policy.apply_batch(images[torch.from_numpy(at)], own, size,
                                    None if partners is None else [partners[b] for b in at])
-            out = x.new_empty((len(group), *x.shape[1:])) if out is None else out
+            out = x.new_empty((len(images), *x.shape[1:])) if out is None else out
             out[torch.from_numpy(at)] = x
         return out
 
     def mix_weights(self, params: dict[str, np.ndarray], size) -> np.ndarray:
-        group = np.asarray(params[GROUP]).astype(np.int64)
-        weights = np.ones(len(group))
-        for i in np.unique(group):
-            at = group == i
-            policy, own = self._split(params, int(i))
-            weights[at] = policy.mix_weights({k: np.asarray(v)[at] for k, v in own.items()}, size)
+        weights = np.ones(len(params[GROUP]))
+        for at, policy, own in self._by_group(params):
+            weights[at] = policy.mix_weights(own, size)
         return weights

@@ -220,12 +220,13 @@ class ViewPolicy:
     def mix_weights(self, params: dict[str, np.ndarray], size) -> np.ndarray:
         """(B,) the weight of each row's own label in its view (1 where it does not mix): lambda for Mixup,
         the unpasted fraction of the pixels at ``size`` for CutMix."""
-        fired = np.asarray(params.get(MIX, np.zeros(len(next(iter(params.values()))), dtype=np.uint8)))
-        weights = np.ones(len(fired), dtype=np.float64)
+        weights = np.ones(len(next(iter(params.values()))), dtype=np.float64)
+        if not self.mixes:
+            return weights
+        fired = np.asarray(params[MIX])
         for b in np.flatnonzero(fired):
-            j = int(fired[b]) - 1
-            own = {k: np.asarray(params[(self.prefixes[len(self.pre) + j]) + k])[b].item()
-                   for k in self.mix_ops[j].param_dtypes}
-            weights[b] = self.mix_ops[j].weight(own, size)
+            i = len(self.pre) + int(fired[b]) - 1
+            own = {k: np.asarray(v)[b].item() for k, v in self._own(params, i).items()}
+            weights[b] = self.ops[i].weight(own, size)
         return weights
 
